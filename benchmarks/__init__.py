@@ -1,0 +1,1 @@
+"""meshrelay benchmarks: a DERP load generator (:mod:`.loadgen`) and a runner (:mod:`.run`)."""

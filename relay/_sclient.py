@@ -1,0 +1,468 @@
+"""One relay client connection after its handshake: one reader task, one writer task.
+
+The reader never blocks on anyone else. It reads up to 64 KiB at a time into a reused buffer and
+walks the frames in place: a SendPacket becomes a RecvPacket by rewriting its type byte and
+replacing the destination key with the sender's key, so back-to-back packets to the same
+destination are handed over with a single copy. Delivery is a non-blocking put into the
+destination's queue (see ``_queue``); a stalled receiver loses its own oldest packets and slows
+nobody else.
+
+The writer owns the transport's send side. It wakes when anything is queued, drains everything
+pending into one buffer, and writes it with one ``send_all`` under the write timeout (2 s by
+default, 30 s for mesh peers). A timeout or write error closes the connection.
+
+Cancellation: :meth:`ClientConn.run` returns when either task ends; the other is cancelled, the
+connection is unregistered (peers and watchers hear PeerGone) and queued packets are counted as
+``gone_disconnected``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import struct
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from natlib.derp import (
+    FRAME_HEADER_LEN,
+    KEY_LEN,
+    MAX_PACKET_SIZE,
+    PING_MAX_LEN,
+    ClientInfo,
+    FrameError,
+    FrameType,
+    KeepAlive,
+    PeerGone,
+    PeerGoneReason,
+    PeerPresent,
+    PeerPresentFlags,
+    ProtocolError,
+    TokenBucket,
+)
+
+from ._queue import PacketQueue, QueueEntry
+from ._transport import Transport
+
+if TYPE_CHECKING:
+    from ._server import RelayServer
+
+__all__ = ["ClientConn"]
+
+log = logging.getLogger(__name__)
+
+READ_BUFFER_SIZE: Final = 256 << 10
+_READ_CHUNK: Final = 64 << 10
+# Keep room for one maximal frame after the unparsed tail before reading again.
+_MAX_HANDLED_FRAME: Final = FRAME_HEADER_LEN + 2 * KEY_LEN + MAX_PACKET_SIZE
+KEEPALIVE_JITTER: Final = 5.0
+MESH_WRITE_TIMEOUT: Final = 30.0
+NOT_HERE_RATE: Final = 1.0
+NOT_HERE_BURST: Final = 3.0
+HOME_MOVE_GRACE: Final = 5.0
+
+_HDR = struct.Struct(">BI")
+_LEN = struct.Struct(">I")
+_DISCO_MAGIC: Final = "TS💬".encode()
+_DISCO_MIN: Final = len(_DISCO_MAGIC) + KEY_LEN + 24  # magic + disco key + nonce
+_KEEPALIVE_FRAME: Final = KeepAlive().encode()
+_T_SEND: Final = FrameType.SEND_PACKET.value
+_T_RECV: Final = FrameType.RECV_PACKET.value
+
+
+class _ConnectionDone(Exception):
+    pass
+
+
+class ClientConn:
+    """A registered DERP client. Created by the server after a successful handshake."""
+
+    def __init__(
+        self,
+        server: RelayServer,
+        transport: Transport,
+        key: bytes,
+        info: ClientInfo,
+        *,
+        is_mesh_peer: bool,
+        remote: tuple[str, int],
+        not_ideal: bool = False,
+        initial_data: bytes = b"",
+    ) -> None:
+        self.server = server
+        self.table = server.table
+        self.stats = server.stats
+        self.transport = transport
+        self.key = key
+        self.info = info
+        self.is_mesh_peer = is_mesh_peer
+        self.remote = remote
+        self.not_ideal = not_ideal
+        self.connected_at = trio.current_time()
+        self.is_home = False
+        self.closing = False
+        self.received_from: set[bytes] = set()
+        self._initial = initial_data
+        self._send_queue = PacketQueue(server.queue_depth)
+        self._disco_queue = PacketQueue(server.queue_depth)
+        self._control: list[bytes] = []
+        self._pending_pong: bytes | None = None
+        self._wake = trio.Event()
+        self._not_here_bucket = TokenBucket(NOT_HERE_RATE, NOT_HERE_BURST, trio.current_time())
+        self._discard = 0  # bytes of an ignored frame still to skip
+        self._cancel = trio.CancelScope()
+        self.write_timeout = MESH_WRITE_TIMEOUT if is_mesh_peer else server.write_timeout
+        self.close_reason = ""
+
+    def __repr__(self) -> str:
+        return f"<ClientConn {self.key.hex()[:8]} from {self.remote[0]}:{self.remote[1]}>"
+
+    @property
+    def peer_present_flags(self) -> int:
+        flags = 0
+        if self.is_mesh_peer:
+            flags |= PeerPresentFlags.IS_MESH_PEER
+        if self.info.is_prober:
+            flags |= PeerPresentFlags.IS_PROBER
+        if self.not_ideal:
+            flags |= PeerPresentFlags.NOT_IDEAL
+        return flags or PeerPresentFlags.IS_REGULAR
+
+    # -- called by other connections and the routing table (never block) -------------------------
+
+    def enqueue(self, entry: QueueEntry, disco: bool) -> None:
+        if self.closing:
+            self.stats.drop("gone_disconnected", disco, entry.packets, entry.payload_bytes)
+            return
+        q = self._disco_queue if disco else self._send_queue
+        for old in q.put(entry):
+            self.stats.drop("queue_head", disco, old.packets, old.payload_bytes)
+        self._wake.set()
+
+    def queue_peer_gone(self, key: bytes, reason: int) -> None:
+        if self.closing:
+            return
+        self._control.append(PeerGone(key, reason).encode())
+        if reason == PeerGoneReason.DISCONNECTED:
+            self.stats.peer_gone_disconnected_frames += 1
+        else:
+            self.stats.peer_gone_not_here_frames += 1
+        self._wake.set()
+
+    def queue_peer_present(self, conn: ClientConn) -> None:
+        if self.closing:
+            return
+        try:
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
+                conn.remote[0].split("%", 1)[0]
+            )
+        except ValueError:
+            ip = None
+        frame = PeerPresent(conn.key, ip, conn.remote[1] if ip is not None else 0, conn.peer_present_flags)
+        self._control.append(frame.encode())
+        self._wake.set()
+
+    def close(self, reason: str) -> None:
+        """Ask this connection to end (from any task). Idempotent."""
+        if not self.close_reason:
+            self.close_reason = reason
+        self._cancel.cancel()
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until EOF, an error, or :meth:`close`; always cleans up."""
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guarded, self._write_loop, nursery.cancel_scope)
+                    await self._guarded(self._read_loop, nursery.cancel_scope)
+        finally:
+            self.closing = True
+            self.table.unregister(self)
+            for q, disco in ((self._send_queue, False), (self._disco_queue, True)):
+                for e in q.take_all():
+                    self.stats.drop("gone_disconnected", disco, e.packets, e.payload_bytes)
+            log.debug("client %s gone: %s", self.key.hex()[:8], self.close_reason or "eof")
+
+    async def _guarded(self, loop: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        """Run the reader or the writer; when it ends for any reason, end the other one too."""
+        try:
+            await loop()
+        except ProtocolError as e:
+            self.stats.protocol_errors[e.reason] += 1
+            self.close_reason = self.close_reason or f"protocol error: {e}"
+            log.info("client %s closed: %s", self.key.hex()[:8], e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self.close_reason = self.close_reason or f"transport error: {e}"
+        finally:
+            scope.cancel()
+
+    # -- reader ----------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        buf = bytearray(READ_BUFFER_SIZE)
+        mv = memoryview(buf)
+        end = len(self._initial)
+        buf[:end] = self._initial
+        self._initial = b""
+        start = 0
+        active = self.table.active
+        while True:
+            if end > start:
+                if active.get(self.key) is not self:
+                    self.table.note_activity(self)
+                start = self._process(buf, mv, start, end)
+            if start == end:
+                start = end = 0
+            elif READ_BUFFER_SIZE - end < _MAX_HANDLED_FRAME:
+                buf[: end - start] = mv[start:end]
+                end -= start
+                start = 0
+            n = await self.transport.receive_into(mv[end : min(READ_BUFFER_SIZE, end + _READ_CHUNK)])
+            if n == 0:
+                self.close_reason = self.close_reason or "eof"
+                return
+            end += n
+
+    def _process(self, buf: bytearray, mv: memoryview, pos: int, end: int) -> int:
+        """Handle every complete frame in ``buf[pos:end]``; return where the unparsed tail starts."""
+        if self._discard:
+            skip = min(self._discard, end - pos)
+            self._discard -= skip
+            pos += skip
+        active = self.table.active
+        mykey = self.key
+        unpack_hdr = _HDR.unpack_from
+        rx_packets = rx_bytes = rx_disco = 0
+        # The current run: consecutive frames to one destination, handed over with one copy.
+        run_conn: ClientConn | None = None
+        run_dst = b""
+        run_start = run_end = run_count = run_bytes = 0
+        try:
+            while end - pos >= FRAME_HEADER_LEN:
+                t, n = unpack_hdr(buf, pos)
+                if t == _T_SEND:
+                    if n < KEY_LEN:
+                        raise FrameError("short_send_packet", f"SendPacket of {n} bytes")
+                    if n > KEY_LEN + MAX_PACKET_SIZE:
+                        raise FrameError("packet_too_large", f"SendPacket of {n} bytes")
+                    fend = pos + FRAME_HEADER_LEN + n
+                    if fend > end:
+                        break
+                    plen = n - KEY_LEN
+                    rx_packets += 1
+                    rx_bytes += plen
+                    if plen >= _DISCO_MIN and buf.startswith(_DISCO_MAGIC, pos + 37):
+                        rx_disco += 1
+                        if run_conn is not None:
+                            run_conn.enqueue(
+                                QueueEntry(
+                                    bytes(mv[run_start:run_end]),
+                                    run_count,
+                                    run_bytes,
+                                    mykey,
+                                    trio.current_time(),
+                                ),
+                                False,
+                            )
+                            run_conn = None
+                        self._deliver_disco(buf, mv, pos, fend, plen)
+                        pos = fend
+                        continue
+                    if run_conn is not None and pos == run_end and buf.startswith(run_dst, pos + 5):
+                        buf[pos] = _T_RECV
+                        mv[pos + 5 : pos + 37] = mykey
+                        run_end = fend
+                        run_count += 1
+                        run_bytes += plen
+                        pos = fend
+                        continue
+                    if run_conn is not None:
+                        run_conn.enqueue(
+                            QueueEntry(
+                                bytes(mv[run_start:run_end]), run_count, run_bytes, mykey, trio.current_time()
+                            ),
+                            False,
+                        )
+                        run_conn = None
+                    dst = bytes(mv[pos + 5 : pos + 37])
+                    conn = active.get(dst)
+                    if conn is None:
+                        self._drop_undeliverable(dst, False, plen)
+                    else:
+                        buf[pos] = _T_RECV
+                        mv[pos + 5 : pos + 37] = mykey
+                        run_conn, run_dst = conn, dst
+                        run_start, run_end, run_count, run_bytes = pos, fend, 1, plen
+                    pos = fend
+                    continue
+                # Anything but SendPacket: the slow path.
+                if run_conn is not None:
+                    run_conn.enqueue(
+                        QueueEntry(
+                            bytes(mv[run_start:run_end]), run_count, run_bytes, mykey, trio.current_time()
+                        ),
+                        False,
+                    )
+                    run_conn = None
+                consumed = self._handle_other(t, n, mv, pos, end)
+                if consumed == 0:
+                    break
+                pos += consumed
+            if run_conn is not None:
+                run_conn.enqueue(
+                    QueueEntry(
+                        bytes(mv[run_start:run_end]), run_count, run_bytes, mykey, trio.current_time()
+                    ),
+                    False,
+                )
+        finally:
+            st = self.stats
+            st.packets_received += rx_packets
+            st.bytes_received += rx_bytes
+            st.packets_received_disco += rx_disco
+        return pos
+
+    def _deliver_disco(self, buf: bytearray, mv: memoryview, pos: int, fend: int, plen: int) -> None:
+        dst = bytes(mv[pos + 5 : pos + 37])
+        conn = self.table.active.get(dst)
+        if conn is None:
+            self._drop_undeliverable(dst, True, plen)
+            return
+        buf[pos] = _T_RECV
+        mv[pos + 5 : pos + 37] = self.key
+        conn.enqueue(QueueEntry(bytes(mv[pos:fend]), 1, plen, self.key, trio.current_time()), True)
+
+    def _drop_undeliverable(self, dst: bytes, disco: bool, plen: int) -> None:
+        if self.server.forward_packet(self.key, dst, disco):
+            return
+        reason = self.table.drop_reason(dst)
+        self.stats.drop(reason, disco, 1, plen)
+        if disco and reason == "unknown_dest" and self._not_here_bucket.try_take(1, trio.current_time()):
+            self.queue_peer_gone(dst, PeerGoneReason.NOT_HERE)
+
+    def _handle_other(self, t: int, n: int, mv: memoryview, pos: int, end: int) -> int:
+        """Handle one non-SendPacket frame at ``pos``; return bytes consumed (0 = need more)."""
+        body = pos + FRAME_HEADER_LEN
+        if t == FrameType.NOTE_PREFERRED:
+            if n != 1:
+                raise FrameError("bad_note_preferred_len", f"NotePreferred of {n} bytes")
+            if end < body + 1:
+                return 0
+            self._note_preferred(mv[body] != 0)
+        elif t == FrameType.PING:
+            if n < 8 or n > PING_MAX_LEN:
+                raise FrameError("bad_ping_len", f"Ping of {n} bytes")
+            if end < body + n:
+                return 0
+            self.stats.got_ping += 1
+            if self._pending_pong is None:  # one pending Pong; later Pings are ignored
+                self._pending_pong = bytes(mv[body : body + 8])
+                self._wake.set()
+        elif t in (FrameType.WATCH_CONNS, FrameType.CLOSE_PEER, FrameType.FORWARD_PACKET):
+            if not self.is_mesh_peer:
+                raise ProtocolError("insufficient_permissions", f"mesh frame {t:#04x} from a non-mesh client")
+            if t == FrameType.WATCH_CONNS:
+                if n != 0:
+                    raise FrameError("bad_watch_conns_len", f"WatchConns of {n} bytes")
+                self.table.add_watcher(self)
+            elif t == FrameType.CLOSE_PEER:
+                if n != KEY_LEN:
+                    raise FrameError("bad_close_peer_len", f"ClosePeer of {n} bytes")
+                if end < body + n:
+                    return 0
+                self.server.close_peer(bytes(mv[body : body + KEY_LEN]))
+            else:
+                if n < 2 * KEY_LEN or n > 2 * KEY_LEN + MAX_PACKET_SIZE:
+                    raise FrameError("bad_forward_packet_len", f"ForwardPacket of {n} bytes")
+                if end < body + n:
+                    return 0
+                self.server.receive_forwarded(self, bytes(mv[body : body + n]))
+        else:
+            # Unknown types, and known ones a server ignores (Pong, KeepAlive, a late ClientInfo):
+            # read and discard at any length, as derper does.
+            have = min(n, end - body)
+            if have < 0:
+                return 0
+            self._discard = n - have
+            return FRAME_HEADER_LEN + have
+        return FRAME_HEADER_LEN + n
+
+    def _note_preferred(self, preferred: bool) -> None:
+        if preferred == self.is_home:
+            return
+        self.is_home = preferred
+        st = self.stats
+        moved = trio.current_time() - self.connected_at > HOME_MOVE_GRACE
+        if preferred:
+            st.current_home_connections += 1
+            if moved:
+                st.home_moves_in += 1
+        else:
+            st.current_home_connections -= 1
+            if moved:
+                st.home_moves_out += 1
+
+    # -- writer ----------------------------------------------------------------------------------
+
+    def _has_pending(self) -> bool:
+        return bool(self._control or self._pending_pong is not None or self._send_queue or self._disco_queue)
+
+    async def _write_loop(self) -> None:
+        interval = self.server.keepalive_interval
+        next_keepalive = trio.current_time() + interval + random.uniform(0, KEEPALIVE_JITTER)
+        transport = self.transport
+        stats = self.stats
+        while True:
+            if not self._has_pending():
+                with trio.move_on_at(next_keepalive):
+                    await self._wake.wait()
+            self._wake = trio.Event()
+            parts: list[bytes] = []
+            now = trio.current_time()
+            if now >= next_keepalive:
+                parts.append(_KEEPALIVE_FRAME)
+                next_keepalive = now + interval + random.uniform(0, KEEPALIVE_JITTER)
+            if self._control:
+                parts.extend(self._control)
+                self._control.clear()
+            if self._pending_pong is not None:
+                parts.append(b"\x13\x00\x00\x00\x08" + self._pending_pong)
+                self._pending_pong = None
+                stats.sent_pong += 1
+            entries = self._disco_queue.take_all()
+            n_disco = len(entries)
+            entries += self._send_queue.take_all()
+            packets = nbytes = 0
+            for e in entries:
+                parts.append(e.frames)
+                packets += e.packets
+                nbytes += e.payload_bytes
+                if e.src not in self.received_from:
+                    self.table.note_delivered(self, e.src)
+                stats.note_queue_delay(now - e.enqueued_at)
+            if not parts:
+                continue
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            ok = False
+            try:
+                if self.write_timeout > 0:
+                    with trio.move_on_after(self.write_timeout) as cs:
+                        await transport.send_all(data)
+                    if cs.cancelled_caught:
+                        stats.sclient_write_timeouts += 1
+                        self.close_reason = f"write timeout ({self.write_timeout:g}s)"
+                        return
+                else:
+                    await transport.send_all(data)
+                ok = True
+            finally:
+                if not ok:
+                    for i, e in enumerate(entries):
+                        stats.drop("write_error", i < n_disco, e.packets, e.payload_bytes)
+            stats.packets_sent += packets
+            stats.bytes_sent += nbytes

@@ -1,0 +1,418 @@
+"""The relay server: listeners, the HTTP front end, the DERP handshake, and process-wide state.
+
+Connection flow, written down once::
+
+    accept ─► [TLS handshake, 10 s] ─► HTTP/1.1 (h11, 30 s per request head)
+        ├─ probes, /generate_204, home page ...     answered; keep-alive continues
+        ├─ GET /derp, Upgrade: DERP                 101 (or nothing, with Derp-Fast-Start: 1)
+        └─ GET /derp, Upgrade: websocket + "derp"   WebSocket 101, DERP inside binary messages
+    DERP: ServerKey (10 s) ─► ClientInfo (10 s, 56 B .. 256 KiB, box must open)
+        ─► register in the routing table (watchers hear PeerPresent) ─► ServerInfo
+        ─► ClientConn.run(): one reader, one writer, until either ends
+
+Every connection runs in its own task under a catch-all: whatever a client sends, only its own
+connection closes, and the reason is counted in :class:`RelayStats`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import ssl
+from collections.abc import Sequence
+from typing import Final
+
+import h11
+import trio
+
+from natlib.derp import (
+    CLIENT_INFO_MAX_LEN,
+    CLIENT_INFO_MIN_LEN,
+    KEEP_ALIVE_INTERVAL,
+    KEY_LEN,
+    FrameDecoder,
+    FrameType,
+    HandshakeError,
+    PeerGoneReason,
+    ProtocolError,
+    ServerInfo,
+    ServerInfoFrame,
+    ServerKey,
+    is_disco_packet,
+    open_client_info,
+    seal_server_info,
+)
+from natlib.keys import NodePrivateKey
+
+from ._http import DerpUpgrade, Reply, RouteConfig, WebSocketUpgrade, route
+from ._queue import DEFAULT_QUEUE_DEPTH, QueueEntry
+from ._sclient import ClientConn
+from ._state import RoutingTable
+from ._stats import RelayStats
+from ._transport import SocketTransport, TLSTransport, Transport, configure_accepted_socket
+from ._ws import accept_websocket
+
+__all__ = ["RelayServer"]
+
+log = logging.getLogger(__name__)
+
+TLS_HANDSHAKE_TIMEOUT: Final = 10.0
+HTTP_REQUEST_TIMEOUT: Final = 30.0
+SERVER_KEY_TIMEOUT: Final = 10.0
+CLIENT_INFO_TIMEOUT: Final = 10.0
+MAX_HTTP_HEADER: Final = 16 << 10
+MAX_HTTP_BODY: Final = 64 << 10
+_ACCEPT_RETRY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class RelayServer:
+    """All state of one relay process, and the coroutines that serve its listeners.
+
+    Tests and embedders create one, then ``await nursery.start(server.serve_tcp, host, port)``.
+    """
+
+    def __init__(
+        self,
+        private_key: NodePrivateKey,
+        *,
+        mesh_key: bytes | None = None,
+        hostname: str = "",
+        write_timeout: float = 2.0,
+        keepalive_interval: float = KEEP_ALIVE_INTERVAL,
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
+        derp_enabled: bool = True,
+        home: str = "",
+    ) -> None:
+        self.private_key = private_key
+        self.public_key = private_key.public
+        self.mesh_key = mesh_key
+        self.hostname = hostname
+        self.write_timeout = write_timeout
+        self.keepalive_interval = keepalive_interval
+        self.queue_depth = queue_depth
+        self.derp_enabled = derp_enabled
+        self.home = home
+        self.stats = RelayStats()
+        self.table = RoutingTable(self.stats)
+        self._server_key_frame = ServerKey(self.public_key.raw).encode()
+        self._upgrade_response = (
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+            b"Upgrade: DERP\r\n"
+            b"Connection: Upgrade\r\n"
+            b"Derp-Version: 2\r\n"
+            b"Derp-Public-Key: " + self.public_key.hex().encode() + b"\r\n\r\n"
+        )
+        self._conn_scopes: set[trio.CancelScope] = set()  # one per live connection
+        self._shutting_down = False
+
+    # -- listeners -------------------------------------------------------------------------------
+
+    async def serve_tcp(
+        self,
+        host: str | None,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        http_side_listener: bool = False,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` (``None``/``""``: every address) until cancelled.
+
+        ``task_status.started`` reports the bound addresses, so port 0 works in tests.
+        Cancelling this task stops accepting; connections already accepted live on in the
+        server's connection scope until :meth:`close_all_connections`.
+        """
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        socks = [lst.socket for lst in listeners]
+        bound = [s.getsockname()[:2] for s in socks]
+        cfg = RouteConfig(
+            derp_enabled=self.derp_enabled,
+            home=self.home,
+            is_tls=ssl_context is not None,
+            http_side_listener=http_side_listener,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                for s in socks:
+                    nursery.start_soon(self._accept_loop, s, ssl_context, cfg)
+                task_status.started(bound)
+        finally:
+            for s in socks:
+                s.close()
+
+    async def _accept_loop(
+        self, listen_sock: trio.socket.SocketType, ssl_context: ssl.SSLContext | None, cfg: RouteConfig
+    ) -> None:
+        async with trio.open_nursery() as handlers:
+            while True:
+                try:
+                    sock, addr = await listen_sock.accept()
+                except OSError as e:
+                    if e.errno in _ACCEPT_RETRY_ERRNOS:
+                        log.error("accept failed (%s); retrying in 100 ms", e)
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                self.stats.accepts += 1
+                handlers.start_soon(self._handle_connection, sock, addr, ssl_context, cfg)
+
+    def close_all_connections(self) -> None:
+        """Close every client connection now, and any accepted later (shutdown)."""
+        self._shutting_down = True
+        for scope in self._conn_scopes:
+            scope.cancel()
+
+    # -- one connection --------------------------------------------------------------------------
+
+    async def _handle_connection(
+        self,
+        sock: trio.socket.SocketType,
+        addr: Sequence[object],
+        ssl_context: ssl.SSLContext | None,
+        cfg: RouteConfig,
+    ) -> None:
+        remote = (str(addr[0]), int(addr[1]))  # type: ignore[call-overload]
+        configure_accepted_socket(sock)
+        transport: Transport | None = None
+        scope = trio.CancelScope()
+        if self._shutting_down:
+            scope.cancel()
+        self._conn_scopes.add(scope)
+        try:
+            with scope:
+                if ssl_context is not None:
+                    tls = TLSTransport(sock, ssl_context)
+                    transport = tls
+                    try:
+                        with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                            await tls.handshake()
+                    except (trio.TooSlowError, ssl.SSLError, OSError, trio.BrokenResourceError) as e:
+                        self.stats.tls_handshake_errors += 1
+                        log.debug("TLS handshake with %s failed: %r", remote, e)
+                        return
+                else:
+                    transport = SocketTransport(sock)
+                await self._serve_http(transport, remote, cfg)
+        except ProtocolError as e:
+            self.stats.protocol_errors[e.reason] += 1
+            log.info("connection from %s closed: %s", remote[0], e)
+        except trio.TooSlowError:
+            self.stats.handshake_timeouts += 1
+            log.info("connection from %s timed out before the handshake finished", remote[0])
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.debug("connection from %s ended: %r", remote[0], e)
+        except Exception:
+            # Nothing a client sends may take the server down: log it and drop this connection.
+            self.stats.protocol_errors["internal_error"] += 1
+            log.exception("unexpected error serving %s", remote[0])
+        finally:
+            self._conn_scopes.discard(scope)
+            if transport is None:
+                sock.close()
+            else:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await transport.aclose()
+                    except Exception:
+                        sock.close()
+
+    async def _serve_http(self, transport: Transport, remote: tuple[str, int], cfg: RouteConfig) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HTTP_HEADER)
+        buf = bytearray(16 << 10)
+        mv = memoryview(buf)
+        while True:
+            with trio.fail_after(HTTP_REQUEST_TIMEOUT):
+                request: h11.Request | None = None
+                body_len = 0
+                while True:
+                    try:
+                        event = conn.next_event()
+                    except h11.RemoteProtocolError as e:
+                        await self._send_error(transport, conn, e.error_status_hint, str(e))
+                        raise ProtocolError("bad_http_request", f"bad HTTP request: {e}") from None
+                    if event is h11.NEED_DATA:
+                        n = await transport.receive_into(mv)
+                        if n == 0 and request is None and conn.their_state is h11.IDLE:
+                            return  # the client closed an idle keep-alive connection
+                        conn.receive_data(bytes(mv[:n]))
+                        continue
+                    if isinstance(event, h11.Request):
+                        request = event
+                    elif isinstance(event, h11.Data):
+                        body_len += len(event.data)
+                        if body_len > MAX_HTTP_BODY:
+                            await self._send_error(transport, conn, 413, "request body too large")
+                            raise ProtocolError("http_body_too_large", "HTTP request body too large")
+                    elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
+                        break
+                    elif isinstance(event, h11.ConnectionClosed):
+                        return
+            assert request is not None
+            headers = [(k.lower(), v) for k, v in request.headers.raw_items()]
+            decision = route(request.method, request.target, headers, cfg)
+            if isinstance(decision, Reply):
+                self.stats.http_requests[(decision.route, decision.status)] += 1
+                await self._send_reply(transport, conn, request.method, decision)
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                try:
+                    conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return
+                continue
+            trailing, _closed = conn.trailing_data
+            if isinstance(decision, WebSocketUpgrade):
+                self.stats.http_requests[("derp_websocket", 101)] += 1
+                self.stats.websocket_accepts += 1
+                ws = await accept_websocket(transport, headers, request.target, bytes(trailing))
+                await self._serve_derp(ws, remote, b"", send_101=False, ideal_node=None)
+            else:
+                assert isinstance(decision, DerpUpgrade)
+                self.stats.http_requests[("derp", 101)] += 1
+                await self._serve_derp(
+                    transport,
+                    remote,
+                    bytes(trailing),
+                    send_101=not decision.fast_start,
+                    ideal_node=decision.ideal_node,
+                )
+            return
+
+    async def _send_reply(
+        self, transport: Transport, conn: h11.Connection, method: bytes, reply: Reply
+    ) -> None:
+        headers = [*reply.headers, (b"Content-Length", str(len(reply.body)).encode())]
+        if not any(k.lower() == b"content-type" for k, _ in headers) and reply.body:
+            headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
+        out = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+        if reply.body and method != b"HEAD":
+            out += conn.send(h11.Data(data=reply.body)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        await transport.send_all(out)
+
+    async def _send_error(self, transport: Transport, conn: h11.Connection, status: int, text: str) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = (text + "\n").encode()
+        try:
+            out = (
+                conn.send(
+                    h11.Response(
+                        status_code=status,
+                        headers=[
+                            (b"Content-Type", b"text/plain; charset=utf-8"),
+                            (b"Content-Length", str(len(body)).encode()),
+                            (b"Connection", b"close"),
+                        ],
+                    )
+                )
+                or b""
+            )
+            out += conn.send(h11.Data(data=body)) or b""
+            out += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            return
+        with trio.move_on_after(2):
+            await transport.send_all(out)
+            # Lingering close: swallow what the client is still sending (bounded), so closing
+            # with unread data does not reset the connection and destroy the response.
+            drained, scratch = 0, memoryview(bytearray(16 << 10))
+            while drained < MAX_HTTP_BODY:
+                n = await transport.receive_into(scratch)
+                if n == 0:
+                    break
+                drained += n
+
+    # -- DERP handshake --------------------------------------------------------------------------
+
+    async def _serve_derp(
+        self,
+        transport: Transport,
+        remote: tuple[str, int],
+        trailing: bytes,
+        *,
+        send_101: bool,
+        ideal_node: str | None,
+    ) -> None:
+        with trio.fail_after(SERVER_KEY_TIMEOUT):
+            await transport.send_all(
+                self._upgrade_response + self._server_key_frame if send_101 else self._server_key_frame
+            )
+        decoder = FrameDecoder(max_frame_len=CLIENT_INFO_MAX_LEN)
+        decoder.feed(trailing)
+        buf = bytearray(64 << 10)
+        with trio.fail_after(CLIENT_INFO_TIMEOUT):
+            while True:
+                try:
+                    item = decoder.next_frame()
+                except ProtocolError as e:
+                    raise HandshakeError("client_info_too_large", str(e)) from None
+                if item is not None:
+                    break
+                n = await transport.receive_into(memoryview(buf))
+                if n == 0:
+                    raise HandshakeError("eof_before_client_info", "connection closed before ClientInfo")
+                decoder.feed(memoryview(buf)[:n])
+            frame_type, payload = item
+            if frame_type != FrameType.CLIENT_INFO:
+                raise HandshakeError("expected_client_info", f"first frame is type {frame_type:#04x}")
+            if len(payload) < CLIENT_INFO_MIN_LEN:
+                raise HandshakeError("short_client_info", f"ClientInfo of {len(payload)} bytes")
+            client_key, info = open_client_info(self.private_key, payload)
+            is_mesh_peer = info.has_mesh_key(self.mesh_key)
+            # Admission checks (verify-client-url, allow lists) will run here, inside this budget.
+        not_ideal = ideal_node is not None and ideal_node != self.hostname
+        conn = ClientConn(
+            self,
+            transport,
+            client_key.raw,
+            info,
+            is_mesh_peer=is_mesh_peer,
+            remote=remote,
+            not_ideal=not_ideal,
+            initial_data=decoder.take_buffered(),
+        )
+        self.table.register(conn)
+        try:
+            sealed = seal_server_info(self.private_key, client_key.raw, ServerInfo())
+            with trio.fail_after(max(self.write_timeout, 1.0) if self.write_timeout else math.inf):
+                await transport.send_all(ServerInfoFrame(sealed).encode())
+        except BaseException:
+            conn.closing = True
+            self.table.unregister(conn)
+            raise
+        log.debug("client %s connected from %s (mesh=%s)", client_key.short(), remote[0], is_mesh_peer)
+        await conn.run()
+
+    # -- mesh hooks used by ClientConn -----------------------------------------------------------
+
+    def forward_packet(self, src: bytes, dst: bytes, disco: bool) -> bool:
+        """Hand a packet for a non-local ``dst`` to another relay of the region.
+
+        Returns False when no relay of the region announced ``dst``; the caller then drops it.
+        This server does not dial other relays yet, so no forwarder is ever known.
+        """
+        return False
+
+    def receive_forwarded(self, via: ClientConn, payload: bytes) -> None:
+        """A ForwardPacket from a mesh peer: deliver locally, never forward again."""
+        src, dst, packet = payload[:KEY_LEN], payload[KEY_LEN : 2 * KEY_LEN], payload[2 * KEY_LEN :]
+        disco = is_disco_packet(packet)
+        self.stats.packets_forwarded_in += 1
+        conn = self.table.active.get(dst)
+        if conn is None:
+            self.stats.drop("unknown_dest_on_fwd", disco, 1, len(packet))
+            if disco:
+                via.queue_peer_gone(dst, PeerGoneReason.NOT_HERE)
+            return
+        frame = b"\x05" + (KEY_LEN + len(packet)).to_bytes(4, "big") + src + packet
+        conn.enqueue(QueueEntry(frame, 1, len(packet), src, trio.current_time()), disco)
+
+    def close_peer(self, key: bytes) -> None:
+        """ClosePeer from a mesh peer: close every connection of ``key``."""
+        conns = self.table.connections_of(key)
+        if not conns:
+            log.info("ClosePeer for unknown key %s", key.hex()[:8])
+        for c in conns:
+            c.close("closed by mesh peer (ClosePeer)")

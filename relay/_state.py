@@ -1,0 +1,155 @@
+"""The routing table: who is connected under which key, who is watching, who must hear PeerGone.
+
+Rules (spec §5), all enforced here and nowhere else:
+
+- **One key, many connections.** Every connection for a key is kept open and read. Exactly one is
+  *active* and receives packets: a newly registered connection becomes active, and any frame read
+  on an inactive duplicate makes that one active ("last writer is active"). When the active one
+  leaves while two or more remain, none is active until one of them speaks; packets meanwhile drop
+  as ``dup_client``. When one connection is left it is normal again.
+- **Lookups** on the hot path are one dict access: ``active.get(dst)``.
+- **PeerGone(Disconnected)** goes to every connection that was ever written a packet from X, and to
+  every watcher, when X goes from one connection to none. Closing one of several duplicates sends
+  nothing.
+- **Watchers** (mesh peers that sent WatchConns) get PeerPresent for every new connection,
+  duplicates included, and PeerGone under the same 1→0 rule, so the two do not pair up 1:1.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from natlib.derp import PeerGoneReason
+
+from ._stats import RelayStats
+
+if TYPE_CHECKING:
+    from ._sclient import ClientConn
+
+__all__ = ["ClientSet", "RoutingTable"]
+
+
+class ClientSet:
+    """All connections of one node key, in registration order."""
+
+    __slots__ = ("active", "conns")
+
+    def __init__(self, first: ClientConn) -> None:
+        self.conns: list[ClientConn] = [first]
+        self.active: ClientConn | None = first
+
+    @property
+    def is_dup(self) -> bool:
+        return len(self.conns) > 1
+
+
+class RoutingTable:
+    def __init__(self, stats: RelayStats) -> None:
+        self.stats = stats
+        self.sets: dict[bytes, ClientSet] = {}
+        self.active: dict[bytes, ClientConn] = {}
+        self.watchers: set[ClientConn] = set()
+        self._receivers_of: dict[bytes, set[ClientConn]] = {}
+
+    # -- registration ----------------------------------------------------------------------------
+
+    def register(self, conn: ClientConn) -> None:
+        """Add a connection that finished its handshake; it becomes the active one for its key."""
+        key = conn.key
+        cs = self.sets.get(key)
+        if cs is None:
+            self.sets[key] = ClientSet(conn)
+        else:
+            if not cs.is_dup:
+                self.stats.current_dup_client_keys += 1
+                self.stats.current_dup_client_conns += 1  # the one already there
+            cs.conns.append(conn)
+            cs.active = conn
+            self.stats.current_dup_client_conns += 1
+            self.stats.total_dup_client_conns += 1
+        self.active[key] = conn
+        self.stats.current_connections += 1
+        for w in self.watchers:
+            w.queue_peer_present(conn)
+
+    def unregister(self, conn: ClientConn) -> None:
+        key = conn.key
+        cs = self.sets.get(key)
+        if cs is None or conn not in cs.conns:
+            return
+        self.stats.current_connections -= 1
+        if conn.is_home:
+            self.stats.current_home_connections -= 1
+        self.watchers.discard(conn)
+        self.stats.watchers = len(self.watchers)
+        for src in conn.received_from:
+            receivers = self._receivers_of.get(src)
+            if receivers is not None:
+                receivers.discard(conn)
+                if not receivers:
+                    del self._receivers_of[src]
+        was_dup = cs.is_dup
+        cs.conns.remove(conn)
+        if was_dup:
+            self.stats.current_dup_client_conns -= 1
+            if not cs.is_dup:
+                self.stats.current_dup_client_keys -= 1
+                self.stats.current_dup_client_conns -= 1
+        if not cs.conns:
+            del self.sets[key]
+            self.active.pop(key, None)
+            self._peer_gone_everywhere(key)
+            return
+        if len(cs.conns) == 1:
+            cs.active = cs.conns[0]
+            self.active[key] = cs.active
+        elif cs.active is conn:
+            cs.active = None
+            self.active.pop(key, None)
+
+    def note_activity(self, conn: ClientConn) -> None:
+        """A frame arrived on ``conn``: under last-writer-is-active it takes over its key."""
+        cs = self.sets.get(conn.key)
+        if cs is not None and cs.active is not conn and conn in cs.conns:
+            cs.active = conn
+            self.active[conn.key] = conn
+
+    def is_active(self, conn: ClientConn) -> bool:
+        return self.active.get(conn.key) is conn
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def drop_reason(self, dst: bytes) -> str:
+        """Why a packet to ``dst`` cannot be delivered locally."""
+        cs = self.sets.get(dst)
+        if cs is not None and cs.is_dup:
+            return "dup_client"
+        return "unknown_dest"
+
+    def note_delivered(self, receiver: ClientConn, src: bytes) -> None:
+        """``receiver`` was written a packet from ``src``: it will hear PeerGone when src goes."""
+        receiver.received_from.add(src)
+        self._receivers_of.setdefault(src, set()).add(receiver)
+
+    # -- watchers (mesh) -------------------------------------------------------------------------
+
+    def add_watcher(self, conn: ClientConn) -> None:
+        """Subscribe ``conn`` and queue a PeerPresent snapshot of every connected key."""
+        if conn in self.watchers:
+            return
+        self.watchers.add(conn)
+        self.stats.watchers = len(self.watchers)
+        for cs in self.sets.values():
+            shown = cs.active if cs.active is not None else cs.conns[-1]
+            conn.queue_peer_present(shown)
+
+    def connections_of(self, key: bytes) -> list[ClientConn]:
+        cs = self.sets.get(key)
+        return list(cs.conns) if cs is not None else []
+
+    def _peer_gone_everywhere(self, key: bytes) -> None:
+        for receiver in self._receivers_of.pop(key, ()):
+            receiver.received_from.discard(key)
+            receiver.queue_peer_gone(key, PeerGoneReason.DISCONNECTED)
+        for w in self.watchers:
+            w.queue_peer_gone(key, PeerGoneReason.DISCONNECTED)

@@ -1,0 +1,114 @@
+"""``meshrelay``: run a DERP relay. Accepts derper's flags (see ``meshrelay -h``).
+
+Exit status: 0 after a clean shutdown (SIGINT/SIGTERM) or ``-h``/``-version``; 2 for a bad command
+line or configuration, with a one-line message saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from natlib.keys import NodePrivateKey
+
+from . import __version__
+from ._config import ConfigError, RelayConfig, build_flagset, config_from_args, load_or_create_key
+from ._flags import FlagError, HelpRequested
+from ._server import RelayServer
+from ._stun_server import StunStats, serve_stun
+
+log = logging.getLogger("relay")
+
+
+def _make_ssl_context(cfg: RelayConfig, key: NodePrivateKey) -> ssl.SSLContext:
+    from ._tls import server_context_for_manual_mode
+
+    return server_context_for_manual_mode(cfg.certdir, cfg.hostname, key.public.raw, log=log)
+
+
+async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
+    """Serve until SIGINT or SIGTERM, then stop accepting, close every client and return."""
+    server = RelayServer(
+        key,
+        mesh_key=cfg.mesh_key,
+        hostname=cfg.hostname,
+        write_timeout=cfg.write_timeout,
+        derp_enabled=cfg.derp,
+        home=cfg.home,
+    )
+    ssl_context = _make_ssl_context(cfg, key) if cfg.tls else None
+    stun_stats = StunStats()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(
+                lambda task_status: server.serve_tcp(
+                    cfg.listen_host, cfg.listen_port, ssl_context=ssl_context, task_status=task_status
+                )
+            )
+            scheme = "https" if cfg.tls else "http"
+            for host, port in bound:
+                log.info("serving DERP on %s://%s/derp", scheme, _fmt_addr(host, port))
+            log.info("server key nodekey:%s", key.public.hex())
+            if cfg.tls and cfg.http_port >= 0:
+                side = await nursery.start(
+                    lambda task_status: server.serve_tcp(
+                        cfg.listen_host, cfg.http_port, http_side_listener=True, task_status=task_status
+                    )
+                )
+                for host, port in side:
+                    log.info("serving plain HTTP (generate_204, redirects) on %s", _fmt_addr(host, port))
+            if cfg.stun:
+                stun_bound = await nursery.start(
+                    serve_stun, cfg.listen_host or None, cfg.stun_port, stun_stats
+                )
+                for host, port in stun_bound:
+                    log.info("serving STUN on udp %s", _fmt_addr(host, port))
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                server.close_all_connections()
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _fmt_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    flags = build_flagset()
+    try:
+        values, given = flags.parse(args)
+    except HelpRequested:
+        sys.stdout.write(flags.usage())
+        return 0
+    except FlagError as e:
+        sys.stderr.write(f"{e}\n{flags.usage()}")
+        return 2
+    if values["version"]:
+        print(f"meshrelay {__version__} (DERP protocol version 2)")
+        return 0
+    try:
+        cfg = config_from_args(values, given)
+        logging.basicConfig(
+            level=cfg.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        key = load_or_create_key(cfg.key_path) if cfg.key_path else NodePrivateKey.generate()
+        trio.run(run, cfg, key)
+    except ConfigError as e:
+        sys.stderr.write(f"meshrelay: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
