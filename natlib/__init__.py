@@ -4,7 +4,7 @@ Public namespaces:
 
 - :mod:`natlib.keys`: node and disco key types with their text forms.
 - :mod:`natlib.derp`: the DERP v2 wire format, handshake and client state machine (sans-io).
-- :mod:`natlib.derp.client` (the DERP client driver; runs under trio and asyncio via anyio).
+- :mod:`natlib.derphttp`: the DERP client driver (HTTP upgrade, TLS, WebSocket), under trio or asyncio.
 - :mod:`natlib.stun`: a sans-io STUN codec over aioice's.
 - :mod:`natlib.testing`: a NAT lab in network namespaces, with pytest fixtures.
 

@@ -68,6 +68,7 @@ _HDR = struct.Struct(">BI")
 _LEN = struct.Struct(">I")
 _DISCO_MAGIC: Final = "TS💬".encode()
 _DISCO_MIN: Final = len(_DISCO_MAGIC) + KEY_LEN + 24  # magic + disco key + nonce
+_DISCO_MIN_SEND_LEN: Final = KEY_LEN + _DISCO_MIN  # a SendPacket frame length that can hold disco
 _KEEPALIVE_FRAME: Final = KeepAlive().encode()
 _T_SEND: Final = FrameType.SEND_PACKET.value
 _T_RECV: Final = FrameType.RECV_PACKET.value
@@ -229,7 +230,12 @@ class ClientConn:
             end += n
 
     def _process(self, buf: bytearray, mv: memoryview, pos: int, end: int) -> int:
-        """Handle every complete frame in ``buf[pos:end]``; return where the unparsed tail starts."""
+        """Handle every complete frame in ``buf[pos:end]``; return where the unparsed tail starts.
+
+        This is the relay's hot loop, kept to a handful of operations per packet: a run of
+        SendPackets to one destination costs one header unpack, one key comparison and one
+        in-place key patch per packet, and a single copy per run. Counters are updated per run.
+        """
         if self._discard:
             skip = min(self._discard, end - pos)
             self._discard -= skip
@@ -237,97 +243,84 @@ class ClientConn:
         active = self.table.active
         mykey = self.key
         unpack_hdr = _HDR.unpack_from
-        rx_packets = rx_bytes = rx_disco = 0
-        # The current run: consecutive frames to one destination, handed over with one copy.
+        t_send, t_recv, disco_first, disco_len = _T_SEND, _T_RECV, _DISCO_MAGIC[0], _DISCO_MIN_SEND_LEN
+        max_send = KEY_LEN + MAX_PACKET_SIZE
+        stats = self.stats
+        # The current run: consecutive SendPackets of one length to one destination. Its frames all
+        # start with the same 37 bytes (header + destination key), so one startswith() checks
+        # type, length and destination of the next frame at once; the run is handed over with
+        # one copy.
         run_conn: ClientConn | None = None
-        run_dst = b""
-        run_start = run_end = run_count = run_bytes = 0
-        try:
-            while end - pos >= FRAME_HEADER_LEN:
-                t, n = unpack_hdr(buf, pos)
-                if t == _T_SEND:
-                    if n < KEY_LEN:
-                        raise FrameError("short_send_packet", f"SendPacket of {n} bytes")
-                    if n > KEY_LEN + MAX_PACKET_SIZE:
-                        raise FrameError("packet_too_large", f"SendPacket of {n} bytes")
-                    fend = pos + FRAME_HEADER_LEN + n
-                    if fend > end:
-                        break
-                    plen = n - KEY_LEN
-                    rx_packets += 1
-                    rx_bytes += plen
-                    if plen >= _DISCO_MIN and buf.startswith(_DISCO_MAGIC, pos + 37):
-                        rx_disco += 1
-                        if run_conn is not None:
-                            run_conn.enqueue(
-                                QueueEntry(
-                                    bytes(mv[run_start:run_end]),
-                                    run_count,
-                                    run_bytes,
-                                    mykey,
-                                    trio.current_time(),
-                                ),
-                                False,
-                            )
-                            run_conn = None
-                        self._deliver_disco(buf, mv, pos, fend, plen)
-                        pos = fend
-                        continue
-                    if run_conn is not None and pos == run_end and buf.startswith(run_dst, pos + 5):
-                        buf[pos] = _T_RECV
-                        mv[pos + 5 : pos + 37] = mykey
-                        run_end = fend
-                        run_count += 1
-                        run_bytes += plen
-                        pos = fend
-                        continue
-                    if run_conn is not None:
-                        run_conn.enqueue(
-                            QueueEntry(
-                                bytes(mv[run_start:run_end]), run_count, run_bytes, mykey, trio.current_time()
-                            ),
-                            False,
-                        )
-                        run_conn = None
-                    dst = bytes(mv[pos + 5 : pos + 37])
-                    conn = active.get(dst)
-                    if conn is None:
-                        self._drop_undeliverable(dst, False, plen)
-                    else:
-                        buf[pos] = _T_RECV
-                        mv[pos + 5 : pos + 37] = mykey
-                        run_conn, run_dst = conn, dst
-                        run_start, run_end, run_count, run_bytes = pos, fend, 1, plen
+        run_prefix = b""
+        run_flen = 0
+        run_maybe_disco = False
+        run_start = run_end = run_count = 0
+        while end - pos >= 5:
+            if run_conn is not None and buf.startswith(run_prefix, pos):
+                fend = pos + run_flen
+                if fend > end:
+                    break
+                if not (run_maybe_disco and buf[pos + 37] == disco_first):
+                    buf[pos] = t_recv
+                    buf[pos + 5 : pos + 37] = mykey
+                    run_end = fend
+                    run_count += 1
                     pos = fend
                     continue
-                # Anything but SendPacket: the slow path.
-                if run_conn is not None:
-                    run_conn.enqueue(
-                        QueueEntry(
-                            bytes(mv[run_start:run_end]), run_count, run_bytes, mykey, trio.current_time()
-                        ),
-                        False,
-                    )
-                    run_conn = None
-                consumed = self._handle_other(t, n, mv, pos, end)
-                if consumed == 0:
+            t, n = unpack_hdr(buf, pos)
+            if t == t_send:
+                if not 32 <= n <= max_send:
+                    raise FrameError("bad_send_packet_len", f"SendPacket of {n} bytes")
+                fend = pos + 5 + n
+                if fend > end:
                     break
-                pos += consumed
+                if run_conn is not None:
+                    self._flush_run(run_conn, mv, run_start, run_end, run_count)
+                    run_conn = None
+                if n >= disco_len and buf[pos + 37] == disco_first and buf.startswith(_DISCO_MAGIC, pos + 37):
+                    self._deliver_disco(buf, mv, pos, fend, n - 32)
+                    pos = fend
+                    continue
+                dst = bytes(mv[pos + 5 : pos + 37])
+                conn = active.get(dst)
+                if conn is None:
+                    stats.packets_received += 1
+                    stats.bytes_received += n - 32
+                    self._drop_undeliverable(dst, False, n - 32)
+                else:
+                    run_prefix = bytes(mv[pos : pos + 37])
+                    run_flen, run_maybe_disco = 5 + n, n >= disco_len
+                    buf[pos] = t_recv
+                    buf[pos + 5 : pos + 37] = mykey
+                    run_conn = conn
+                    run_start, run_end, run_count = pos, fend, 1
+                pos = fend
+                continue
+            # Anything but SendPacket: the slow path.
             if run_conn is not None:
-                run_conn.enqueue(
-                    QueueEntry(
-                        bytes(mv[run_start:run_end]), run_count, run_bytes, mykey, trio.current_time()
-                    ),
-                    False,
-                )
-        finally:
-            st = self.stats
-            st.packets_received += rx_packets
-            st.bytes_received += rx_bytes
-            st.packets_received_disco += rx_disco
+                self._flush_run(run_conn, mv, run_start, run_end, run_count)
+                run_conn = None
+            consumed = self._handle_other(t, n, mv, pos, end)
+            if consumed == 0:
+                break
+            pos += consumed
+        if run_conn is not None:
+            self._flush_run(run_conn, mv, run_start, run_end, run_count)
         return pos
 
+    def _flush_run(self, conn: ClientConn, mv: memoryview, start: int, end: int, count: int) -> None:
+        """Hand a run of rewritten frames to ``conn``'s queue with one copy, and count it."""
+        payload = end - start - count * (FRAME_HEADER_LEN + KEY_LEN)
+        stats = self.stats
+        stats.packets_received += count
+        stats.bytes_received += payload
+        conn.enqueue(QueueEntry(bytes(mv[start:end]), count, payload, self.key, trio.current_time()), False)
+
     def _deliver_disco(self, buf: bytearray, mv: memoryview, pos: int, fend: int, plen: int) -> None:
+        stats = self.stats
+        stats.packets_received += 1
+        stats.packets_received_disco += 1
+        stats.bytes_received += plen
         dst = bytes(mv[pos + 5 : pos + 37])
         conn = self.table.active.get(dst)
         if conn is None:
