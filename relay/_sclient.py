@@ -407,7 +407,7 @@ class ClientConn:
 
     async def _write_loop(self) -> None:
         interval = self.server.keepalive_interval
-        next_keepalive = trio.current_time() + interval + random.uniform(0, KEEPALIVE_JITTER)
+        next_keepalive = trio.current_time() + interval + random.uniform(0, self.server.keepalive_jitter)
         transport = self.transport
         stats = self.stats
         while True:
@@ -419,7 +419,7 @@ class ClientConn:
             now = trio.current_time()
             if now >= next_keepalive:
                 parts.append(_KEEPALIVE_FRAME)
-                next_keepalive = now + interval + random.uniform(0, KEEPALIVE_JITTER)
+                next_keepalive = now + interval + random.uniform(0, self.server.keepalive_jitter)
             if self._control:
                 parts.extend(self._control)
                 self._control.clear()

@@ -47,7 +47,7 @@ from natlib.keys import NodePrivateKey
 
 from ._http import DerpUpgrade, Reply, RouteConfig, WebSocketUpgrade, route
 from ._queue import DEFAULT_QUEUE_DEPTH, QueueEntry
-from ._sclient import ClientConn
+from ._sclient import KEEPALIVE_JITTER, ClientConn
 from ._state import RoutingTable
 from ._stats import RelayStats
 from ._transport import SocketTransport, TLSTransport, Transport, configure_accepted_socket
@@ -59,8 +59,7 @@ log = logging.getLogger(__name__)
 
 TLS_HANDSHAKE_TIMEOUT: Final = 10.0
 HTTP_REQUEST_TIMEOUT: Final = 30.0
-SERVER_KEY_TIMEOUT: Final = 10.0
-CLIENT_INFO_TIMEOUT: Final = 10.0
+SERVER_KEY_TIMEOUT: Final = 10.0  # and again 10 s for ClientInfo (spec §3)
 MAX_HTTP_HEADER: Final = 16 << 10
 MAX_HTTP_BODY: Final = 64 << 10
 _ACCEPT_RETRY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -80,6 +79,9 @@ class RelayServer:
         hostname: str = "",
         write_timeout: float = 2.0,
         keepalive_interval: float = KEEP_ALIVE_INTERVAL,
+        keepalive_jitter: float = KEEPALIVE_JITTER,
+        handshake_timeout: float = SERVER_KEY_TIMEOUT,
+        http_timeout: float = HTTP_REQUEST_TIMEOUT,
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         derp_enabled: bool = True,
         home: str = "",
@@ -90,6 +92,10 @@ class RelayServer:
         self.hostname = hostname
         self.write_timeout = write_timeout
         self.keepalive_interval = keepalive_interval
+        self.keepalive_jitter = keepalive_jitter
+        # Each of the two DERP handshake stages (ServerKey out, ClientInfo in) gets this long.
+        self.handshake_timeout = handshake_timeout
+        self.http_timeout = http_timeout
         self.queue_depth = queue_depth
         self.derp_enabled = derp_enabled
         self.home = home
@@ -222,7 +228,7 @@ class RelayServer:
         buf = bytearray(16 << 10)
         mv = memoryview(buf)
         while True:
-            with trio.fail_after(HTTP_REQUEST_TIMEOUT):
+            with trio.fail_after(self.http_timeout):
                 request: h11.Request | None = None
                 body_len = 0
                 while True:
@@ -335,14 +341,14 @@ class RelayServer:
         send_101: bool,
         ideal_node: str | None,
     ) -> None:
-        with trio.fail_after(SERVER_KEY_TIMEOUT):
+        with trio.fail_after(self.handshake_timeout):
             await transport.send_all(
                 self._upgrade_response + self._server_key_frame if send_101 else self._server_key_frame
             )
         decoder = FrameDecoder(max_frame_len=CLIENT_INFO_MAX_LEN)
         decoder.feed(trailing)
         buf = bytearray(64 << 10)
-        with trio.fail_after(CLIENT_INFO_TIMEOUT):
+        with trio.fail_after(self.handshake_timeout):
             while True:
                 try:
                     item = decoder.next_frame()

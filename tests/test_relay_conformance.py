@@ -5,11 +5,14 @@ Every test runs a real relay on 127.0.0.1 and real DERP clients over TCP.
 
 from __future__ import annotations
 
+import pytest
 import trio
 from derppeer import Peer, RelayHandle
 
 from natlib.derp import (
     ClientInfo,
+    HandshakeError,
+    KeepAlive,
     PeerGone,
     PeerGoneReason,
     PeerPresent,
@@ -20,6 +23,7 @@ from natlib.derp import (
 from natlib.keys import NodePrivateKey
 
 DISCO_MAGIC = "TS💬".encode()
+UPGRADE_REQUEST = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
 
 
 def disco_like(n: int = 56) -> bytes:
@@ -251,3 +255,94 @@ async def test_upgrade_response_bytes(relay_http: RelayHandle) -> None:
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
         b"Derp-Version: 2\r\nDerp-Public-Key: " + relay_http.server_key.hex().encode() + b"\r\n\r\n"
     )
+
+
+# -- timers, limits and deadlines ---------------------------------------------------------------
+
+
+async def _custom_relay(nursery: trio.Nursery, **kwargs: object) -> RelayHandle:
+    from relay import RelayServer
+
+    key = NodePrivateKey.generate()
+    server = RelayServer(key, **kwargs)  # type: ignore[arg-type]
+    bound = await nursery.start(
+        lambda task_status: server.serve_tcp("127.0.0.1", 0, task_status=task_status)
+    )
+    return RelayHandle(server, str(bound[0][0]), int(bound[0][1]), key.public)
+
+
+async def test_keepalive_frames_arrive_on_schedule(nursery: trio.Nursery) -> None:
+    relay = await _custom_relay(nursery, keepalive_interval=0.05, keepalive_jitter=0.01)
+    c = await Peer.connect(relay)
+    for _ in range(3):
+        assert isinstance(await c.recv(timeout=2, skip_keepalive=False), KeepAlive)
+
+
+async def test_write_timeout_closes_a_frozen_receiver(nursery: trio.Nursery) -> None:
+    relay = await _custom_relay(nursery, write_timeout=0.2)
+    stats = relay.relay.stats  # type: ignore[attr-defined]
+    sender = await Peer.connect(relay)
+    frozen = await Peer.connect(relay)  # never reads
+    with trio.fail_after(20):
+        while stats.sclient_write_timeouts == 0:
+            await sender.send(frozen.key, bytes(16000))
+    await _until(lambda: stats.current_connections == 1)
+    assert frozen.key.raw not in relay.relay.table.active  # type: ignore[attr-defined]
+    assert stats.packets_dropped[("write_error", "other")] > 0
+
+
+async def test_client_that_never_sends_client_info_is_dropped(nursery: trio.Nursery) -> None:
+    relay = await _custom_relay(nursery, handshake_timeout=0.2)
+    stream = await trio.open_tcp_stream(relay.host, relay.port)
+    async with stream:
+        await stream.send_all(UPGRADE_REQUEST)
+        got = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+    assert got.startswith(b"HTTP/1.1 101 ")
+    assert relay.relay.stats.handshake_timeouts == 1  # type: ignore[attr-defined]
+
+
+async def test_slow_http_request_is_dropped(nursery: trio.Nursery) -> None:
+    relay = await _custom_relay(nursery, http_timeout=0.2)
+    stream = await trio.open_tcp_stream(relay.host, relay.port)
+    async with stream:
+        await stream.send_all(b"GET /derp HTTP/1.1\r\nHost: x\r\n")  # never finishes the head
+        with trio.fail_after(5):
+            assert await stream.receive_some(65536) == b""
+
+
+async def test_oversized_send_packet_closes_only_that_client(relay_http: RelayHandle) -> None:
+    good = await Peer.connect(relay_http)
+    bad = await Peer.connect(relay_http)
+    await bad.send_raw(b"\x04" + (32 + 65537).to_bytes(4, "big") + good.key.raw)
+    await bad.expect_closed()
+    stats = relay_http.relay.stats  # type: ignore[attr-defined]
+    assert stats.protocol_errors["bad_send_packet_len"] == 1
+    await good.send(good.key, bytes(65536))  # the largest legal packet still works
+    got = await good.recv()
+    assert isinstance(got, RecvPacket) and len(got.packet) == 65536
+
+
+async def test_client_info_too_large_is_rejected(relay_http: RelayHandle) -> None:
+    stream = await trio.open_tcp_stream(relay_http.host, relay_http.port)
+    async with stream:
+        await stream.send_all(UPGRADE_REQUEST)
+        await stream.send_all(b"\x02" + (256 * 1024 + 1).to_bytes(4, "big"))
+        with trio.fail_after(5):
+            while await stream.receive_some(65536):
+                pass
+    stats = relay_http.relay.stats  # type: ignore[attr-defined]
+    assert stats.protocol_errors["client_info_too_large"] == 1
+
+
+async def test_client_info_sealed_to_the_wrong_key_is_rejected(relay_http: RelayHandle) -> None:
+    impostor_server = NodePrivateKey.generate().public
+    # The client notices the mismatched ServerKey, or the relay closes first; either way no session.
+    with pytest.raises((ConnectionError, EOFError, trio.BrokenResourceError, HandshakeError)):
+        await Peer.connect(
+            RelayHandle(relay_http.relay, relay_http.host, relay_http.port, impostor_server), fast_start=True
+        )
+    stats = relay_http.relay.stats  # type: ignore[attr-defined]
+    await _until(lambda: stats.protocol_errors["bad_client_info_box"] == 1)

@@ -88,3 +88,47 @@ async def test_garbage_request_gets_400_and_is_counted(relay_http: RelayHandle) 
 async def test_oversized_headers_are_refused(relay_http: RelayHandle) -> None:
     resp = await http_exchange(relay_http, get("/", "X-Big: " + "a" * 40000))
     assert resp.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_port_80_side_listener_of_a_tls_relay(nursery: trio.Nursery) -> None:
+    """In TLS mode the plain listener serves only /generate_204; DERP is never served there."""
+    from natlib.keys import NodePrivateKey
+    from relay import RelayServer
+
+    key = NodePrivateKey.generate()
+    server = RelayServer(key)
+    bound = await nursery.start(
+        lambda task_status: server.serve_tcp("127.0.0.1", 0, http_side_listener=True, task_status=task_status)
+    )
+    side = RelayHandle(server, "127.0.0.1", int(bound[0][1]), key.public)
+    resp = await http_exchange(side, get("/generate_204", "X-Tailscale-Challenge: abc"))
+    assert resp.startswith(b"HTTP/1.1 204 ")
+    assert b"X-Tailscale-Response: response abc" in resp
+    resp = await http_exchange(side, get("/derp?x=1", "Upgrade: DERP", "Connection: Upgrade"))
+    assert resp.startswith(b"HTTP/1.1 302 ")
+    assert b"\r\nLocation: https://relay.test/derp?x=1\r\n" in resp
+    resp = await http_exchange(side, get("/", "Content-Length: 0", method="POST"))
+    assert resp.startswith(b"HTTP/1.1 400 ")
+    assert resp.endswith(b"Use HTTPS\n")
+
+
+async def test_derp_disabled_and_home_variants(nursery: trio.Nursery) -> None:
+    from natlib.keys import NodePrivateKey
+    from relay import RelayServer
+
+    for home, expect in (("blank", b"HTTP/1.1 200 "), ("https://example.com/", b"HTTP/1.1 302 ")):
+        key = NodePrivateKey.generate()
+        server = RelayServer(key, derp_enabled=False, home=home)
+        bound = await nursery.start(
+            lambda task_status, s=server: s.serve_tcp("127.0.0.1", 0, task_status=task_status)
+        )
+        h = RelayHandle(server, "127.0.0.1", int(bound[0][1]), key.public)
+        resp = await http_exchange(h, get("/derp", "Upgrade: DERP", "Connection: Upgrade"))
+        assert resp.startswith(b"HTTP/1.1 404 ")
+        assert resp.endswith(b"derp server disabled\n")
+        resp = await http_exchange(h, get("/"))
+        assert resp.startswith(expect)
+        if home == "blank":
+            assert resp.endswith(b"\r\n\r\n")
+        else:
+            assert b"\r\nLocation: https://example.com/\r\n" in resp

@@ -1,0 +1,97 @@
+"""The acceptance path for operators: ``meshrelay -certmode manual`` with an IP hostname, as a real
+process; our own DERP clients exchange packets through it over TLS and over WebSocket (wss)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from natlib.derp import RecvPacket
+from natlib.derphttp import connect
+from natlib.keys import NodePrivateKey
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_manual_cert_ip_relay_end_to_end(tmp_path: Path) -> None:
+    port = _free_port()
+    certdir = tmp_path / "certs"
+    argv = [
+        sys.executable,
+        "-m",
+        "relay",
+        "-a",
+        f"127.0.0.1:{port}",
+        "-certmode",
+        "manual",
+        "-certdir",
+        str(certdir),
+        "-hostname",
+        "127.0.0.1",
+        "-c",
+        str(tmp_path / "derper.key"),
+        "-http-port",
+        "-1",
+        "-stun=false",
+    ]
+    proc = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    assert proc.stderr is not None
+    try:
+        node_json: dict[str, object] | None = None
+        with trio.fail_after(20):
+            while True:
+                line = await trio.to_thread.run_sync(proc.stderr.readline)
+                assert line, "meshrelay exited early"
+                if line.strip().startswith("{") and "sha256-raw:" in line:
+                    node_json = json.loads(line)
+                if "serving DERP on https://" in line:
+                    break
+        assert node_json is not None, "no DERPNode JSON line with the certificate pin was logged"
+        der = ssl.PEM_cert_to_DER_cert(
+            (certdir / "127.0.0.1.crt").read_text().split("-----END CERTIFICATE-----")[0]
+            + "-----END CERTIFICATE-----\n"
+        )
+        assert node_json["CertName"] == "sha256-raw:" + hashlib.sha256(der).hexdigest()
+        assert node_json["HostName"] == "127.0.0.1"
+        assert (certdir / "127.0.0.1.key").stat().st_mode & 0o777 == 0o600
+
+        ctx = ssl.create_default_context(cafile=str(certdir / "127.0.0.1.crt"))
+        a_key, b_key = NodePrivateKey.generate(), NodePrivateKey.generate()
+        async with (
+            await connect(f"https://127.0.0.1:{port}/derp", a_key, ssl_context=ctx) as a,
+            await connect(f"wss://127.0.0.1:{port}/derp", b_key, ssl_context=ctx) as b,
+        ):
+            await a.send(b_key.public, b"tls to websocket")
+            with trio.fail_after(5):
+                assert await b.receive() == RecvPacket(a_key.public.raw, b"tls to websocket")
+            await b.send(a_key.public, b"and back")
+            with trio.fail_after(5):
+                assert await a.receive() == RecvPacket(b_key.public.raw, b"and back")
+        # The key file is derper's format and is reused on restart.
+        saved = json.loads((tmp_path / "derper.key").read_text())
+        assert saved["PrivateKey"].startswith("privkey:")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = await trio.to_thread.run_sync(lambda: proc.wait(timeout=10))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+    assert rc == 0
