@@ -145,6 +145,7 @@ class Relay:
         # without -certmode manual is plain HTTP. -c keeps the node key in the temporary directory
         # (as root, derper's default is /var/lib/derper/derper.key).
         args = ["-a", f"127.0.0.1:{self.port}", "-c", str(workdir / f"derper-{name}.key"), "-stun=false"]
+        args.append("-metrics-addr=off")
         if tls:
             args += ["-certmode", "manual", "-certdir", str(self.certdir), "-hostname", "127.0.0.1"]
             args += ["-http-port", "-1"]

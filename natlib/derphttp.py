@@ -57,7 +57,7 @@ import logging
 import os
 import ssl
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeAlias
@@ -118,6 +118,9 @@ READ_TIMEOUT: Final = 2 * KEEP_ALIVE_INTERVAL
 
 WRITE_TIMEOUT: Final = 15.0
 """Seconds one frame may take to write before the connection is declared dead."""
+
+_WS_MAX_MESSAGE: Final = 16 << 10
+"""Largest WebSocket message written; Go's WebSocket library reads at most 32 KiB per message."""
 
 _CLOSE_TIMEOUT: Final = 1.0  # for the courtesy WebSocket close frame
 _READ_SIZE: Final = 64 << 10
@@ -268,9 +271,10 @@ async def _close_transport(stream: anyio.abc.ByteStream) -> None:
 class _WebSocketStream(anyio.abc.ByteStream):
     """The DERP byte stream carried in binary WebSocket messages (client side).
 
-    Each :meth:`send` is one message; :meth:`receive` returns message payloads as one byte stream,
-    ignoring message boundaries. WebSocket pings are answered; a text message is a protocol error;
-    a close frame is answered and then reads end.
+    Each :meth:`send` is one message, or several of at most 16 KiB;
+    :meth:`receive` returns message payloads as one byte stream, ignoring message boundaries.
+    WebSocket pings are answered; a text message is a protocol error; a close frame is answered
+    and then reads end.
     """
 
     def __init__(self, inner: anyio.abc.ByteStream) -> None:
@@ -354,11 +358,18 @@ class _WebSocketStream(anyio.abc.ByteStream):
         return out
 
     async def send(self, item: bytes) -> None:
+        # At most _WS_MAX_MESSAGE bytes per message: Go's WebSocket peers (derper's server side and
+        # derphttp's client, github.com/coder/websocket) refuse messages over 32 KiB and drop the
+        # connection. DERP ignores message boundaries, so splitting is always safe.
+        data = memoryview(bytes(item))
         try:
-            frame = self._ws.send(ws.BytesMessage(data=bytes(item)))
+            frames = b"".join(
+                self._ws.send(ws.BytesMessage(data=bytes(data[i : i + _WS_MAX_MESSAGE])))
+                for i in range(0, max(len(data), 1), _WS_MAX_MESSAGE)
+            )
         except WSLocalProtocolError as e:
             raise anyio.ClosedResourceError(f"WebSocket closed: {e}") from None
-        await self._send_raw(frame)
+        await self._send_raw(frames)
 
     async def send_eof(self) -> None:
         """Send a WebSocket close frame: the relay reads EOF after our last message."""
@@ -490,6 +501,16 @@ class DerpClient:
             raise ValueError(f"packet of {len(packet)} bytes exceeds DERP's {MAX_PACKET_SIZE}")
         self._raise_if_closed()
         await self._write(self._conn.forward_packet(src, dst, packet))
+
+    async def forward_packets(self, packets: Iterable[tuple[bytes, bytes, bytes]]) -> None:
+        """Mesh only: :meth:`forward_packet` for many ``(src, dst, packet)`` at once, in one write.
+
+        Relays forwarding traffic to each other use this to batch. Cancellation as for :meth:`send`.
+        """
+        frames = [self._conn.forward_packet(src, dst, packet) for src, dst, packet in packets]
+        self._raise_if_closed()
+        if frames:
+            await self._write(b"".join(frames))
 
     async def note_preferred(self, preferred: bool) -> None:
         """Tell the relay whether it is this node's home relay (it only counts it in its stats)."""

@@ -21,10 +21,12 @@ from natlib.derp import parse_mesh_key
 from natlib.keys import KeyFormatError, NodePrivateKey
 
 from ._flags import FlagSet
+from ._mesh import MeshTarget, parse_mesh_with
 
 __all__ = ["ConfigError", "RelayConfig", "build_flagset", "config_from_args", "load_or_create_key", "parse_listen_addr"]
 
 DEV_ADDR = ":3340"
+DEFAULT_METRICS_ADDR = "127.0.0.1:9380"  # loopback only; 9090 is Prometheus's own port
 DEFAULT_KEY_PATH = "/var/lib/derper/derper.key"
 MESH_KEY_ENV = "TAILSCALE_DERPER_MESH_KEY"
 
@@ -35,7 +37,6 @@ _UNSUPPORTED = {
     "rate-config": "per-client rate limits are not implemented yet",
     "accept-connection-limit": "the TLS accept limiter is not implemented yet",
     "accept-connection-burst": "the TLS accept limiter is not implemented yet",
-    "mesh-with": "meshing with other relays of the region is not implemented yet",
     "secrets-url": "setec secrets are not supported; use -mesh-psk-file",
     "bootstrap-dns-names": "/bootstrap-dns is not supported",
     "unpublished-bootstrap-dns-names": "/bootstrap-dns is not supported",
@@ -102,7 +103,18 @@ def build_flagset() -> FlagSet:
     fs.add_bool("acme-ip-certs", False, "enable ACME certificates for IP addresses")
     # meshrelay's own flags
     fs.add_string("log-level", "info", "log level: debug, info, warning or error (meshrelay)")
+    fs.add_string("metrics-addr", DEFAULT_METRICS_ADDR, "listen address for Prometheus metrics at /metrics, \"ip:port\" or \"[ip]:port\" (no IP: all interfaces); \"\" or \"off\" disables it (meshrelay; see docs/metrics.md)")
     return fs
+
+
+def parse_metrics_addr(addr: str) -> tuple[str, int] | None:
+    """``-metrics-addr``: ``""``/``"off"`` → None, else (host or "", port) as for ``-a``."""
+    if addr.strip() in ("", "off"):
+        return None
+    try:
+        return parse_listen_addr(addr)
+    except ConfigError as e:
+        raise ConfigError(f"-metrics-addr: {str(e).removeprefix('-a ')}") from None
 
 
 def parse_listen_addr(addr: str) -> tuple[str, int]:
@@ -138,10 +150,12 @@ class RelayConfig:
     hostname: str
     home: str
     mesh_key: bytes | None
+    mesh_with: tuple[MeshTarget, ...]
     write_timeout: float
     tcp_keepalive_time: float
     tcp_user_timeout: float
     log_level: str
+    metrics_addr: tuple[str, int] | None  # None: no metrics listener
 
 
 def config_from_args(values: dict[str, Any], given: set[str], *, is_root: bool | None = None) -> RelayConfig:
@@ -191,19 +205,26 @@ def config_from_args(values: dict[str, Any], given: set[str], *, is_root: bool |
             mesh_key = parse_mesh_key(os.environ[MESH_KEY_ENV])
         except ValueError as e:
             raise ConfigError(f"${MESH_KEY_ENV}: {e}") from None
+    try:
+        mesh_with = tuple(parse_mesh_with(str(values["mesh-with"]), port))
+    except ValueError as e:
+        raise ConfigError(f"-mesh-with: {e}") from None
+    if mesh_with and mesh_key is None:
+        raise ConfigError("-mesh-with: meshing needs a mesh key (-mesh-psk-file, or $TAILSCALE_DERPER_MESH_KEY with -dev)")
     write_timeout = float(values["tcp-write-timeout"])
     if write_timeout < 0:
         raise ConfigError("-tcp-write-timeout: must not be negative")
     level = str(values["log-level"]).lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"-log-level {level!r}: want debug, info, warning or error")
+    metrics_addr = parse_metrics_addr(str(values["metrics-addr"]))
     return RelayConfig(
         dev=dev, listen_host=host, listen_port=port, tls=tls, http_port=http_port,
         stun=bool(values["stun"]), stun_port=stun_port, derp=bool(values["derp"]), key_path=key_path,
         certmode=certmode, certdir=str(values["certdir"]), hostname=str(values["hostname"]),
-        home=str(values["home"]), mesh_key=mesh_key, write_timeout=write_timeout,
+        home=str(values["home"]), mesh_key=mesh_key, mesh_with=mesh_with, write_timeout=write_timeout,
         tcp_keepalive_time=float(values["tcp-keepalive-time"]),
-        tcp_user_timeout=float(values["tcp-user-timeout"]), log_level=level,
+        tcp_user_timeout=float(values["tcp-user-timeout"]), log_level=level, metrics_addr=metrics_addr,
     )
 
 

@@ -286,7 +286,7 @@ class ClientConn:
                 if conn is None:
                     stats.packets_received += 1
                     stats.bytes_received += n - 32
-                    self._drop_undeliverable(dst, False, n - 32)
+                    self._not_local(dst, False, mv, pos, fend)
                 else:
                     run_prefix = bytes(mv[pos : pos + 37])
                     run_flen, run_maybe_disco = 5 + n, n >= disco_len
@@ -324,17 +324,20 @@ class ClientConn:
         dst = bytes(mv[pos + 5 : pos + 37])
         conn = self.table.active.get(dst)
         if conn is None:
-            self._drop_undeliverable(dst, True, plen)
+            self._not_local(dst, True, mv, pos, fend)
             return
         buf[pos] = _T_RECV
         mv[pos + 5 : pos + 37] = self.key
         conn.enqueue(QueueEntry(bytes(mv[pos:fend]), 1, plen, self.key, trio.current_time()), True)
 
-    def _drop_undeliverable(self, dst: bytes, disco: bool, plen: int) -> None:
-        if self.server.forward_packet(self.key, dst, disco):
+    def _not_local(self, dst: bytes, disco: bool, mv: memoryview, pos: int, fend: int) -> None:
+        """``dst`` has no active connection here: forward it through the mesh, or drop it."""
+        fwd = self.table.forwarder_for(dst)
+        if fwd is not None:
+            fwd.forward(self.key, dst, bytes(mv[pos + 37 : fend]))
             return
         reason = self.table.drop_reason(dst)
-        self.stats.drop(reason, disco, 1, plen)
+        self.stats.drop(reason, disco, 1, fend - pos - 37)
         if disco and reason == "unknown_dest" and self._not_here_bucket.try_take(1, trio.current_time()):
             self.queue_peer_gone(dst, PeerGoneReason.NOT_HERE)
 
@@ -362,7 +365,10 @@ class ClientConn:
             if t == FrameType.WATCH_CONNS:
                 if n != 0:
                     raise FrameError("bad_watch_conns_len", f"WatchConns of {n} bytes")
-                self.table.add_watcher(self)
+                if self.key == self.server.public_key.raw:
+                    log.info("ignoring WatchConns from this relay's own key (a mesh loop to itself)")
+                else:
+                    self.table.add_watcher(self)
             elif t == FrameType.CLOSE_PEER:
                 if n != KEY_LEN:
                     raise FrameError("bad_close_peer_len", f"ClosePeer of {n} bytes")

@@ -197,6 +197,7 @@ class RelayServer:
                         self.stats.tls_handshake_errors += 1
                         log.debug("TLS handshake with %s failed: %r", remote, e)
                         return
+                    self.stats.tls_versions[tls.tls_version or "unknown"] += 1
                 else:
                     transport = SocketTransport(sock)
                 await self._serve_http(transport, remote, cfg)
@@ -392,14 +393,6 @@ class RelayServer:
         await conn.run()
 
     # -- mesh hooks used by ClientConn -----------------------------------------------------------
-
-    def forward_packet(self, src: bytes, dst: bytes, disco: bool) -> bool:
-        """Hand a packet for a non-local ``dst`` to another relay of the region.
-
-        Returns False when no relay of the region announced ``dst``; the caller then drops it.
-        This server does not dial other relays yet, so no forwarder is ever known.
-        """
-        return False
 
     def receive_forwarded(self, via: ClientConn, payload: bytes) -> None:
         """A ForwardPacket from a mesh peer: deliver locally, never forward again."""

@@ -11,8 +11,15 @@ Rules (spec §5), all enforced here and nowhere else:
 - **PeerGone(Disconnected)** goes to every connection that was ever written a packet from X, and to
   every watcher, when X goes from one connection to none. Closing one of several duplicates sends
   nothing.
-- **Watchers** (mesh peers that sent WatchConns) get PeerPresent for every new connection,
-  duplicates included, and PeerGone under the same 1→0 rule, so the two do not pair up 1:1.
+- **Watchers** (mesh peers that sent WatchConns) get PeerPresent for every new *local*
+  connection, duplicates included, and PeerGone under the same 1→0 rule, so the two do not pair up
+  1:1. Keys known only through other relays are never announced: forwarding is one hop.
+- **Forwarders** (regional mesh): a key not connected here may be present on other relays of the
+  region. The first relay that announced it is used; later announcers are kept in order and take
+  over when it goes. A local connection always wins over a forwarder.
+- **Gone from the region**: receivers hear PeerGone(Disconnected) for X when X's last local
+  connection closes and no relay of the region has it, or when the last forwarder for X goes and X
+  is not connected here.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from natlib.derp import PeerGoneReason
 from ._stats import RelayStats
 
 if TYPE_CHECKING:
+    from ._mesh import MeshPeer
     from ._sclient import ClientConn
 
 __all__ = ["ClientSet", "RoutingTable"]
@@ -49,6 +57,7 @@ class RoutingTable:
         self.sets: dict[bytes, ClientSet] = {}
         self.active: dict[bytes, ClientConn] = {}
         self.watchers: set[ClientConn] = set()
+        self.forwarders: dict[bytes, list[MeshPeer]] = {}
         self._receivers_of: dict[bytes, set[ClientConn]] = {}
 
     # -- registration ----------------------------------------------------------------------------
@@ -98,7 +107,10 @@ class RoutingTable:
         if not cs.conns:
             del self.sets[key]
             self.active.pop(key, None)
-            self._peer_gone_everywhere(key)
+            for w in self.watchers:
+                w.queue_peer_gone(key, PeerGoneReason.DISCONNECTED)
+            if key not in self.forwarders:
+                self._peer_gone_from_region(key)
             return
         if len(cs.conns) == 1:
             cs.active = cs.conns[0]
@@ -147,9 +159,37 @@ class RoutingTable:
         cs = self.sets.get(key)
         return list(cs.conns) if cs is not None else []
 
-    def _peer_gone_everywhere(self, key: bytes) -> None:
+    def _peer_gone_from_region(self, key: bytes) -> None:
         for receiver in self._receivers_of.pop(key, ()):
             receiver.received_from.discard(key)
             receiver.queue_peer_gone(key, PeerGoneReason.DISCONNECTED)
-        for w in self.watchers:
-            w.queue_peer_gone(key, PeerGoneReason.DISCONNECTED)
+
+    # -- forwarders (regional mesh) --------------------------------------------------------------
+
+    def forwarder_for(self, dst: bytes) -> MeshPeer | None:
+        """The relay to forward to, if ``dst`` has no local connection at all."""
+        if dst in self.sets:
+            return None
+        peers = self.forwarders.get(dst)
+        return peers[0] if peers else None
+
+    def add_forwarder(self, key: bytes, peer: MeshPeer) -> None:
+        peers = self.forwarders.setdefault(key, [])
+        if peer in peers:
+            return  # re-registering is ignored
+        peers.append(peer)
+        if len(peers) == 2:
+            self.stats.multiforwarder_created += 1
+
+    def remove_forwarder(self, key: bytes, peer: MeshPeer) -> None:
+        peers = self.forwarders.get(key)
+        if not peers or peer not in peers:
+            self.stats.packet_forwarder_delete_other_value += 1
+            return
+        peers.remove(peer)
+        if len(peers) == 1:
+            self.stats.multiforwarder_deleted += 1
+        if not peers:
+            del self.forwarders[key]
+            if key not in self.sets:
+                self._peer_gone_from_region(key)

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["DROP_REASONS", "PACKET_KINDS", "RelayStats"]
+__all__ = ["ADMISSION_RESULTS", "DROP_REASONS", "PACKET_KINDS", "TLS_VERSIONS", "RelayStats"]
 
 DROP_REASONS: Final = (
     "unknown_dest",
@@ -21,6 +21,12 @@ DROP_REASONS: Final = (
     "dup_client",
 )
 PACKET_KINDS: Final = ("disco", "other")
+# TLS versions counted from the start (others appear when negotiated; "unknown" if not reported).
+TLS_VERSIONS: Final = ("1.2", "1.3")
+# Results of client admission (-verify-client-url), counted from the start: "allowed" (HTTP 200 with
+# {"Allow":true}), "denied" (any other answer), "fail_open" (unreachable, admitted because of
+# -verify-client-url-fail-open), "fail_closed" (unreachable, rejected). Mesh peers are not counted.
+ADMISSION_RESULTS: Final = ("allowed", "denied", "fail_open", "fail_closed")
 
 
 @dataclass(slots=True)
@@ -47,6 +53,11 @@ class RelayStats:
     peer_gone_not_here_frames: int = 0
     packets_forwarded_out: int = 0
     packets_forwarded_in: int = 0
+    # Regional mesh: relays of the region connected to, and the forwarder table's churn.
+    mesh_peers_up: int = 0
+    multiforwarder_created: int = 0
+    multiforwarder_deleted: int = 0
+    packet_forwarder_delete_other_value: int = 0
     sclient_write_timeouts: int = 0
     average_queue_duration_ms: float = 0.0
     # (reason, kind) -> count; every combination exists from the start, as derper does.
@@ -59,12 +70,22 @@ class RelayStats:
     tls_handshake_errors: int = 0
     handshake_timeouts: int = 0
     rejected_clients: Counter[str] = field(default_factory=Counter)
+    # Accepted TLS connections by negotiated version (derper's derper_tls_request_version).
+    tls_versions: Counter[str] = field(default_factory=Counter)
+    # For features not built yet; the metrics exporter already exports them (at 0 until then).
+    admission: Counter[str] = field(default_factory=Counter)  # by result, see ADMISSION_RESULTS
+    rate_limit_waits: int = 0  # frames that had to wait for a client's rate-limit token bucket
+    rate_limit_wait_seconds: float = 0.0  # total time spent in those waits
 
     def __post_init__(self) -> None:
         for r in DROP_REASONS:
             for k in PACKET_KINDS:
                 self.packets_dropped[(r, k)] += 0
                 self.bytes_dropped[(r, k)] += 0
+        for v in TLS_VERSIONS:
+            self.tls_versions[v] += 0
+        for a in ADMISSION_RESULTS:
+            self.admission[a] += 0
 
     def drop(self, reason: str, disco: bool, packets: int, nbytes: int) -> None:
         key = (reason, "disco" if disco else "other")

@@ -1,12 +1,15 @@
 """DERP over WebSocket: a :class:`Transport` that carries the DERP byte stream in binary messages.
 
 Spec §4.3: subprotocol ``derp``, compression off, binary messages only. Each write becomes one
-message; reads concatenate message payloads into one byte stream and ignore message boundaries, so
-DERP's own size limits apply to the stream, not to messages. A text message closes the
-connection. WebSocket pings are answered; a close frame is answered and reads then return EOF.
+message, or several of at most 16 KiB (Go peers read at most 32 KiB per message); reads
+concatenate message payloads into one byte stream and ignore message boundaries, so DERP's own
+size limits apply to the stream, not to messages. A text message closes the connection. WebSocket
+pings are answered; a close frame is answered and reads then return EOF.
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -28,6 +31,10 @@ from ._transport import Transport
 __all__ = ["WebSocketTransport", "accept_websocket"]
 
 _READ_SIZE = 64 << 10
+# Largest WebSocket message we write: github.com/coder/websocket, which Tailscale's Go client uses,
+# reads at most 32 KiB per message by default (SetReadLimit is never called) and closes the
+# connection with "message too big" otherwise.
+_MAX_MESSAGE: Final = 16 << 10
 
 
 class WebSocketTransport:
@@ -96,11 +103,19 @@ class WebSocketTransport:
                 self._eof = True
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # At most _MAX_MESSAGE bytes per message. The writer hands us a whole batch of queued
+        # frames (easily more than 32 KiB), and Go's WebSocket clients (derphttp, also in the
+        # browser) refuse messages over 32 KiB and drop the connection. DERP ignores message
+        # boundaries, so splitting is always safe.
+        view = memoryview(data)
         try:
-            frame = self._ws.send(Message(data=bytes(data)))
+            frames = b"".join(
+                self._ws.send(Message(data=bytes(view[i : i + _MAX_MESSAGE])))
+                for i in range(0, max(len(view), 1), _MAX_MESSAGE)
+            )
         except LocalProtocolError as e:
             raise trio.ClosedResourceError(f"WebSocket closed: {e}") from None
-        await self._send_raw(frame)
+        await self._send_raw(frames)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -19,6 +19,8 @@ from natlib.keys import NodePrivateKey
 from . import __version__
 from ._config import ConfigError, RelayConfig, build_flagset, config_from_args, load_or_create_key
 from ._flags import FlagError, HelpRequested
+from ._mesh import MeshPeer
+from ._metrics import build_registry, serve_metrics
 from ._server import RelayServer
 from ._stun_server import StunStats, serve_stun
 
@@ -68,11 +70,27 @@ async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
                 )
                 for host, port in stun_bound:
                     log.info("serving STUN on udp %s", _fmt_addr(host, port))
+            if cfg.metrics_addr is not None:
+                registry = build_registry(server, stun_stats)
+                metrics_bound = await nursery.start(serve_metrics, *cfg.metrics_addr, registry)
+                for host, port in metrics_bound:
+                    log.info("serving metrics on http://%s/metrics", _fmt_addr(host, port))
+            mesh_ssl = ssl.create_default_context() if cfg.tls else None
+            for target in cfg.mesh_with:
+                peer = MeshPeer(server, target, tls=cfg.tls, ssl_context=mesh_ssl)
+                nursery.start_soon(peer.run, name=f"mesh {target}")
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 server.close_all_connections()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _only_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` if that is all there is (nurseries wrap errors in groups)."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e if isinstance(e, OSError) else None
 
 
 def _fmt_addr(host: str, port: int) -> str:
@@ -107,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
+    except (OSError, BaseExceptionGroup) as e:
+        # Typically a listen address in use or not permitted: one line, not a traceback.
+        cause = _only_os_error(e)
+        if cause is None:
+            raise
+        sys.stderr.write(f"meshrelay: cannot start: {cause}\n")
+        return 1
     return 0
 
 

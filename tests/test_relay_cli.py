@@ -148,8 +148,8 @@ def _port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
 
 async def test_meshrelay_dev_serves_derp_http_and_stun() -> None:
     """The README's relay command: ``meshrelay -dev`` on :3340 with STUN on :3478."""
-    if not (_port_free(3340) and _port_free(3478, socket.SOCK_DGRAM)):
-        pytest.skip("ports 3340/3478 are in use on this machine")
+    if not (_port_free(3340) and _port_free(3478, socket.SOCK_DGRAM) and _port_free(9380)):
+        pytest.skip("ports 3340/3478/9380 are in use on this machine")
     from derppeer import Peer, RelayHandle
 
     proc = subprocess.Popen(
@@ -211,3 +211,31 @@ async def test_meshrelay_dev_serves_derp_http_and_stun() -> None:
             if proc.stderr is not None:
                 proc.stderr.close()
     assert rc == 0
+
+
+def test_listen_address_in_use_is_one_line_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "relay",
+                "-a",
+                f"127.0.0.1:{port}",
+                "-c",
+                str(tmp_path / "k"),
+                "-stun=false",
+                "-metrics-addr=off",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip().splitlines()[-1] == "meshrelay: cannot start: [Errno 98] Address already in use"
+    )
+    assert "Traceback" not in proc.stderr

@@ -46,6 +46,7 @@ async def test_manual_cert_ip_relay_end_to_end(tmp_path: Path) -> None:
         "-http-port",
         "-1",
         "-stun=false",
+        "-metrics-addr=off",
     ]
     proc = subprocess.Popen(
         argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
