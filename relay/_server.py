@@ -17,6 +17,7 @@ connection closes, and the reason is counted in :class:`RelayStats`.
 from __future__ import annotations
 
 import errno
+import http
 import logging
 import math
 import ssl
@@ -63,6 +64,14 @@ SERVER_KEY_TIMEOUT: Final = 10.0  # and again 10 s for ClientInfo (spec §3)
 MAX_HTTP_HEADER: Final = 16 << 10
 MAX_HTTP_BODY: Final = 64 << 10
 _ACCEPT_RETRY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase ("No Content"), as Go's net/http writes it."""
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 class RelayServer:
@@ -292,7 +301,8 @@ class RelayServer:
         headers = [*reply.headers, (b"Content-Length", str(len(reply.body)).encode())]
         if not any(k.lower() == b"content-type" for k, _ in headers) and reply.body:
             headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
-        out = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+        response = h11.Response(status_code=reply.status, headers=headers, reason=_reason(reply.status))
+        out = conn.send(response) or b""
         if reply.body and method != b"HEAD":
             out += conn.send(h11.Data(data=reply.body)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
@@ -307,6 +317,7 @@ class RelayServer:
                 conn.send(
                     h11.Response(
                         status_code=status,
+                        reason=_reason(status),
                         headers=[
                             (b"Content-Type", b"text/plain; charset=utf-8"),
                             (b"Content-Length", str(len(body)).encode()),

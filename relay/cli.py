@@ -65,11 +65,8 @@ async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
                 for host, port in side:
                     log.info("serving plain HTTP (generate_204, redirects) on %s", _fmt_addr(host, port))
             if cfg.stun:
-                stun_bound = await nursery.start(
-                    serve_stun, cfg.listen_host or None, cfg.stun_port, stun_stats
-                )
-                for host, port in stun_bound:
-                    log.info("serving STUN on udp %s", _fmt_addr(host, port))
+                # (the STUN server logs the addresses it listens on)
+                await nursery.start(serve_stun, cfg.listen_host or None, cfg.stun_port, stun_stats)
             if cfg.metrics_addr is not None:
                 registry = build_registry(server, stun_stats)
                 metrics_bound = await nursery.start(serve_metrics, *cfg.metrics_addr, registry)

@@ -212,7 +212,7 @@ async def test_meshrelay_process_pinned_ip_cert(tmp_path: Path) -> None:
     ]  # fmt: skip
     async with spawn("meshrelay", argv, tmp_path, env={"PYTHONUNBUFFERED": "1"}) as relay:
         log = relay.stderr_path
-        await wait_for_file_line(log, "serving STUN on", relay)
+        await wait_for_file_line(log, "STUN server listening on", relay)
         await wait_for_file_line(log, "serving DERP on https://", relay)
         key_line = await wait_for_file_line(log, "server key nodekey:", relay)
         server_key = NodePublicKey.from_text(key_line.split("server key ")[1].split()[0])
