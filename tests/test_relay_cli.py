@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -13,7 +12,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from derppeer import Peer, RelayHandle
+from relayproc import relay_process
 
+from natlib import stun
+from natlib.keys import NodePublicKey
 from relay._config import ConfigError, build_flagset, config_from_args, load_or_create_key
 from relay._flags import FlagError, parse_go_duration
 from relay.cli import main
@@ -150,23 +153,9 @@ async def test_meshrelay_dev_serves_derp_http_and_stun() -> None:
     """The README's relay command: ``meshrelay -dev`` on :3340 with STUN on :3478."""
     if not (_port_free(3340) and _port_free(3478, socket.SOCK_DGRAM) and _port_free(9380)):
         pytest.skip("ports 3340/3478/9380 are in use on this machine")
-    from derppeer import Peer, RelayHandle
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "-dev"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stderr is not None
-        server_key = None
-        with trio.fail_after(15):
-            while server_key is None:
-                line = await trio.to_thread.run_sync(proc.stderr.readline)
-                assert line, "meshrelay exited early"
-                if "server key nodekey:" in line:
-                    server_key = line.rsplit("nodekey:", 1)[1].strip()
+    async with relay_process("-dev") as relay:
+        line = await relay.wait_for("server key nodekey:")
+        server_key = line.rsplit("nodekey:", 1)[1].strip()
         # HTTP: /generate_204 with the challenge echo (what the README shows with curl).
         stream = await trio.open_tcp_stream("127.0.0.1", 3340)
         async with stream:
@@ -177,10 +166,9 @@ async def test_meshrelay_dev_serves_derp_http_and_stun() -> None:
                 resp = b""
                 while b"\r\n\r\n" not in resp:
                     resp += await stream.receive_some(4096)
-        assert resp.startswith(b"HTTP/1.1 204 ") and b"X-Tailscale-Response: response hi" in resp
+        assert resp.startswith(b"HTTP/1.1 204 No Content\r\n")
+        assert b"X-Tailscale-Response: response hi" in resp
         # DERP: two clients exchange a packet.
-        from natlib.keys import NodePublicKey
-
         handle = RelayHandle(None, "127.0.0.1", 3340, NodePublicKey.from_hex(server_key))
         a = await Peer.connect(handle)
         b = await Peer.connect(handle)
@@ -190,8 +178,6 @@ async def test_meshrelay_dev_serves_derp_http_and_stun() -> None:
         await a.aclose()
         await b.aclose()
         # STUN: a standard RFC 5389 Binding Request gets our address back.
-        from natlib import stun
-
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
         with sock:
             await sock.bind(("127.0.0.1", 0))
@@ -200,17 +186,7 @@ async def test_meshrelay_dev_serves_derp_http_and_stun() -> None:
             with trio.fail_after(5):
                 data, _ = await sock.recvfrom(2048)
             assert stun.parse_binding_response(data, txid) == ("127.0.0.1", sock.getsockname()[1])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = await trio.to_thread.run_sync(lambda: proc.wait(timeout=10))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
-    assert rc == 0
+    assert relay.returncode == 0
 
 
 def test_listen_address_in_use_is_one_line_exit_1(tmp_path: Path) -> None:

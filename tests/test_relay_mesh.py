@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
-import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
 import trio
+from relayproc import RelayProcess
 
 from natlib.derp import PeerGone, PeerGoneReason, RecvPacket
 from natlib.derphttp import DerpClient, connect
@@ -44,46 +44,18 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-class RelayProcess:
-    """One ``python -m relay`` process whose log lines are collected by a reader thread."""
+async def _metric(port: int, series: str) -> float:
+    """One sample from a relay's /metrics."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = argv
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
 
-    def start(self) -> None:
-        self.lines = []
-        proc = subprocess.Popen(
-            self.argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        self.proc = proc
-
-        def pump() -> None:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                self.lines.append(line)
-
-        threading.Thread(target=pump, daemon=True).start()
-
-    async def wait_for(self, text: str, count: int = 1, timeout: float = 20) -> None:
-        with trio.fail_after(timeout):
-            while sum(text in line for line in list(self.lines)) < count:
-                assert self.proc is not None and self.proc.poll() is None, "".join(self.lines)
-                await trio.sleep(0.02)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return rc
+    text = await trio.to_thread.run_sync(fetch)
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not in the scrape of port {port}")
 
 
 async def _deliver(sender: DerpClient, receiver: DerpClient, tag: bytes, timeout: float = 15) -> None:
@@ -110,9 +82,6 @@ async def test_three_relay_processes_mesh_forward_and_recover(tmp_path: Path) ->
     nodes = [
         RelayProcess(
             [
-                sys.executable,
-                "-m",
-                "relay",
                 "-a",
                 f"127.0.0.1:{p}",
                 "-c",
@@ -143,6 +112,12 @@ async def test_three_relay_processes_mesh_forward_and_recover(tmp_path: Path) ->
         await _deliver(b, a, b"b->a")
         await _deliver(c, a, b"c->a")
         await _deliver(a, c, b"a->c")
+        # Each node's /metrics shows the packets it forwarded over the mesh and received from it.
+        for mport in metrics_ports:
+            out = await _metric(mport, 'meshrelay_packets_forwarded_total{direction="out"}')
+            inn = await _metric(mport, 'meshrelay_packets_forwarded_total{direction="in"}')
+            assert out >= 1
+            assert inn >= 1
 
         # Node 3 dies: a, who received from c, hears that c is gone from the region.
         nodes[2].stop(signal.SIGKILL)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -24,6 +22,7 @@ import trio
 from derppeer import Peer, RelayHandle
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from relayproc import relay_process
 
 from natlib import stun
 from natlib.derp import PeerGone, PeerGoneReason, RecvPacket
@@ -358,47 +357,23 @@ def test_metrics_addr_flag() -> None:
 
 async def test_meshrelay_command_serves_metrics(tmp_path: Path) -> None:
     """``meshrelay -metrics-addr 127.0.0.1:0`` logs the bound address and serves /metrics there."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "relay",
-            "-c",
-            str(tmp_path / "derper.key"),
-            "-a",
-            "127.0.0.1:0",
-            "-stun=false",
-            "-metrics-addr",
-            "127.0.0.1:0",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stderr is not None
-        metrics_port = None
-        with trio.fail_after(15):
-            while metrics_port is None:
-                line = await trio.to_thread.run_sync(proc.stderr.readline)
-                assert line, "meshrelay exited early"
-                if "serving metrics on http://" in line:
-                    metrics_port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
+    args = [
+        "-c",
+        str(tmp_path / "derper.key"),
+        "-a",
+        "127.0.0.1:0",
+        "-stun=false",
+        "-metrics-addr",
+        "127.0.0.1:0",
+    ]
+    async with relay_process(*args) as relay:
+        line = await relay.wait_for("serving metrics on http://", timeout=15)
+        metrics_port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
         m = await scrape(metrics_port)
         assert value(m, "meshrelay_current_connections") == 0
         assert value(m, "meshrelay_stun_requests_total", disposition="success") == 0
         assert any(n == "process_resident_memory_bytes" for n, _ in m)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = await trio.to_thread.run_sync(lambda: proc.wait(timeout=10))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
-    assert rc == 0
+    assert relay.returncode == 0
 
 
 # -- a real Prometheus server ----------------------------------------------------------------------

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
+from relayproc import relay_process
 
 from natlib.derp import RecvPacket
 from natlib.derphttp import connect
@@ -30,9 +27,6 @@ async def test_manual_cert_ip_relay_end_to_end(tmp_path: Path) -> None:
     port = _free_port()
     certdir = tmp_path / "certs"
     argv = [
-        sys.executable,
-        "-m",
-        "relay",
         "-a",
         f"127.0.0.1:{port}",
         "-certmode",
@@ -48,21 +42,11 @@ async def test_manual_cert_ip_relay_end_to_end(tmp_path: Path) -> None:
         "-stun=false",
         "-metrics-addr=off",
     ]
-    proc = subprocess.Popen(
-        argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    assert proc.stderr is not None
-    try:
-        node_json: dict[str, object] | None = None
-        with trio.fail_after(20):
-            while True:
-                line = await trio.to_thread.run_sync(proc.stderr.readline)
-                assert line, "meshrelay exited early"
-                if line.strip().startswith("{") and "sha256-raw:" in line:
-                    node_json = json.loads(line)
-                if "serving DERP on https://" in line:
-                    break
-        assert node_json is not None, "no DERPNode JSON line with the certificate pin was logged"
+    async with relay_process(*argv) as relay:
+        await relay.wait_for("serving DERP on https://")
+        pinned = [ln for ln in relay.lines if ln.strip().startswith("{") and "sha256-raw:" in ln]
+        assert pinned, "no DERPNode JSON line with the certificate pin was logged"
+        node_json = json.loads(pinned[0])
         der = ssl.PEM_cert_to_DER_cert(
             (certdir / "127.0.0.1.crt").read_text().split("-----END CERTIFICATE-----")[0]
             + "-----END CERTIFICATE-----\n"
@@ -86,13 +70,4 @@ async def test_manual_cert_ip_relay_end_to_end(tmp_path: Path) -> None:
         # The key file is derper's format and is reused on restart.
         saved = json.loads((tmp_path / "derper.key").read_text())
         assert saved["PrivateKey"].startswith("privkey:")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = await trio.to_thread.run_sync(lambda: proc.wait(timeout=10))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stderr.close()
-    assert rc == 0
+    assert relay.returncode == 0
