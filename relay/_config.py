@@ -20,6 +20,7 @@ from typing import Any
 from natlib.derp import parse_mesh_key
 from natlib.keys import KeyFormatError, NodePrivateKey
 
+from ._admission import validate_verify_url
 from ._flags import FlagSet
 from ._mesh import MeshTarget, parse_mesh_with
 
@@ -33,10 +34,6 @@ MESH_KEY_ENV = "TAILSCALE_DERPER_MESH_KEY"
 # Flags accepted for compatibility whose features are not implemented: (name, why / what instead).
 _UNSUPPORTED = {
     "verify-clients": "client verification through a local tailscaled is not supported",
-    "verify-client-url": "admission through -verify-client-url is not implemented yet",
-    "rate-config": "per-client rate limits are not implemented yet",
-    "accept-connection-limit": "the TLS accept limiter is not implemented yet",
-    "accept-connection-burst": "the TLS accept limiter is not implemented yet",
     "secrets-url": "setec secrets are not supported; use -mesh-psk-file",
     "bootstrap-dns-names": "/bootstrap-dns is not supported",
     "unpublished-bootstrap-dns-names": "/bootstrap-dns is not supported",
@@ -87,12 +84,12 @@ def build_flagset() -> FlagSet:
     fs.add_string("bootstrap-dns-names", "", "optional comma-separated list of hostnames to make available at /bootstrap-dns")
     fs.add_string("unpublished-bootstrap-dns-names", "", "optional comma-separated list of hostnames to make available at /bootstrap-dns and not publish in the list. If an entry contains a slash, the second part names a DNS record to poll for its TXT record with a `0` to `100` value for rollout percentage.")
     fs.add_bool("verify-clients", False, "verify clients to this DERP server through a local tailscaled instance.")
-    fs.add_string("verify-client-url", "", "if non-empty, an admission controller URL for permitting client connections; see tailcfg.DERPAdmitClientRequest")
+    fs.add_string("verify-client-url", "", "if non-empty, an admission controller URL for permitting client connections; see tailcfg.DERPAdmitClientRequest (POST {\"NodePublic\",\"Source\"}, admitted on 200 with {\"Allow\":true}; 5s timeout; headscale's /verify works)")
     fs.add_bool("verify-client-url-fail-open", True, "whether we fail open if --verify-client-url is unreachable")
     fs.add_string("socket", "", "optional alternate path to tailscaled socket (only relevant when using --verify-clients)")
-    fs.add_float("accept-connection-limit", math.inf, "rate limit for accepting new connection")
+    fs.add_float("accept-connection-limit", math.inf, "rate limit for accepting new connection (per second, TLS listener only; over the limit a connection is accepted and closed at once)")
     fs.add_int("accept-connection-burst", sys.maxsize, "burst limit for accepting new connection")
-    fs.add_string("rate-config", "", "path to a JSON file with per-client rate limits, reloaded on SIGHUP")
+    fs.add_string("rate-config", "", "path to a JSON file with per-client rate limits, reloaded on SIGHUP: {\"PerClientRateLimitBytesPerSec\":N,\"PerClientRateBurstBytes\":M} (receive side; reads pause, nothing is dropped; burst at least 65568; rate 0 disables; mesh peers are exempt)")
     fs.add_duration("tcp-keepalive-time", 600.0, "TCP keepalive time")
     fs.add_duration("tcp-user-timeout", 15.0, "TCP user timeout")
     fs.add_duration("tcp-write-timeout", 2.0, "TCP write timeout; 0 results in no timeout being set on writes")
@@ -102,6 +99,7 @@ def build_flagset() -> FlagSet:
     fs.add_string("acme-email", "", "ACME account contact email address (required for --certmode=gcp, optional for letsencrypt)")
     fs.add_bool("acme-ip-certs", False, "enable ACME certificates for IP addresses")
     # meshrelay's own flags
+    fs.add_string("allow-file", "", "if non-empty, only these node keys may connect (mesh peers always may): a file with one nodekey:<hex> per line (# comments), or a *.toml file of [[node]] tables with node_key = \"nodekey:<hex>\"; reloaded on SIGHUP (meshrelay)")
     fs.add_string("log-level", "info", "log level: debug, info, warning or error (meshrelay)")
     fs.add_string("metrics-addr", DEFAULT_METRICS_ADDR, "listen address for Prometheus metrics at /metrics, \"ip:port\" or \"[ip]:port\" (no IP: all interfaces); \"\" or \"off\" disables it (meshrelay; see docs/metrics.md)")
     return fs
@@ -156,6 +154,12 @@ class RelayConfig:
     tcp_user_timeout: float
     log_level: str
     metrics_addr: tuple[str, int] | None  # None: no metrics listener
+    verify_client_url: str = ""
+    verify_client_url_fail_open: bool = True
+    allow_file: str = ""
+    rate_config: str = ""
+    accept_connection_limit: float = math.inf
+    accept_connection_burst: int = sys.maxsize
 
 
 def config_from_args(values: dict[str, Any], given: set[str], *, is_root: bool | None = None) -> RelayConfig:
@@ -218,6 +222,18 @@ def config_from_args(values: dict[str, Any], given: set[str], *, is_root: bool |
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"-log-level {level!r}: want debug, info, warning or error")
     metrics_addr = parse_metrics_addr(str(values["metrics-addr"]))
+    verify_url = str(values["verify-client-url"]).strip()
+    if verify_url:
+        try:
+            validate_verify_url(verify_url)
+        except ValueError as e:
+            raise ConfigError(f"-verify-client-url {e}") from None
+    accept_limit = float(values["accept-connection-limit"])
+    if math.isnan(accept_limit) or accept_limit < 0:
+        raise ConfigError(f"-accept-connection-limit {accept_limit}: must be a non-negative rate (or +Inf)")
+    accept_burst = int(values["accept-connection-burst"])
+    if accept_burst < 0:
+        raise ConfigError(f"-accept-connection-burst {accept_burst}: must not be negative")
     return RelayConfig(
         dev=dev, listen_host=host, listen_port=port, tls=tls, http_port=http_port,
         stun=bool(values["stun"]), stun_port=stun_port, derp=bool(values["derp"]), key_path=key_path,
@@ -225,6 +241,9 @@ def config_from_args(values: dict[str, Any], given: set[str], *, is_root: bool |
         home=str(values["home"]), mesh_key=mesh_key, mesh_with=mesh_with, write_timeout=write_timeout,
         tcp_keepalive_time=float(values["tcp-keepalive-time"]),
         tcp_user_timeout=float(values["tcp-user-timeout"]), log_level=level, metrics_addr=metrics_addr,
+        verify_client_url=verify_url, verify_client_url_fail_open=bool(values["verify-client-url-fail-open"]),
+        allow_file=str(values["allow-file"]), rate_config=str(values["rate-config"]),
+        accept_connection_limit=accept_limit, accept_connection_burst=accept_burst,
     )
 
 

@@ -253,6 +253,13 @@ class RelayCollector:
             sorted(([v], n) for v, n in s.tls_versions.items()),
         )
         yield _labelled_counter(
+            "tls_listener_connections",
+            "Connections on the TLS listener, by the accept limiter's decision "
+            "(-accept-connection-limit; rejected ones are closed at once).",
+            ["result"],
+            [(["accepted"], s.tls_listener_accepted), (["rejected"], s.tls_listener_rejected)],
+        )
+        yield _labelled_counter(
             "admission_results",
             "Client admission decisions (-verify-client-url), by result.",
             ["result"],
@@ -264,9 +271,20 @@ class RelayCollector:
             ["reason"],
             sorted(([r], n) for r, n in s.rejected_clients.items()),
         )
+        yield _gauge(
+            "rate_limit_bytes_per_second",
+            "Per-client receive rate limit in force (-rate-config); 0 = off.",
+            s.rate_limit_bytes_per_second,
+        )
+        yield _gauge(
+            "rate_limit_burst_bytes",
+            "Per-client receive burst in force (-rate-config); 0 = off.",
+            s.rate_limit_burst_bytes,
+            "bytes",
+        )
         yield _counter(
             "rate_limit_waits",
-            "Frames that waited for a client's rate-limit token bucket.",
+            "Socket reads (up to 64 KiB each) that waited for a client's rate-limit token bucket.",
             s.rate_limit_waits,
         )
         yield _counter(

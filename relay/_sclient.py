@@ -45,6 +45,7 @@ from natlib.derp import (
 )
 
 from ._queue import PacketQueue, QueueEntry
+from ._ratelimit import ByteBucket
 from ._transport import Transport
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class ClientConn:
         self._wake = trio.Event()
         self._not_here_bucket = TokenBucket(NOT_HERE_RATE, NOT_HERE_BURST, trio.current_time())
         self._discard = 0  # bytes of an ignored frame still to skip
+        self._rate_bucket: ByteBucket | None = None  # created at the first rate-limited read
         self._cancel = trio.CancelScope()
         self.write_timeout = MESH_WRITE_TIMEOUT if is_mesh_peer else server.write_timeout
         self.close_reason = ""
@@ -212,6 +214,8 @@ class ClientConn:
         self._initial = b""
         start = 0
         active = self.table.active
+        server = self.server
+        exempt = self.is_mesh_peer
         while True:
             if end > start:
                 if active.get(self.key) is not self:
@@ -227,7 +231,32 @@ class ClientConn:
             if n == 0:
                 self.close_reason = self.close_reason or "eof"
                 return
+            # -rate-config: charge this read before handling it (one check per read when off).
+            if server.rate_limits is not None and not exempt:
+                await self._rate_limit_wait(n)
             end += n
+
+    async def _rate_limit_wait(self, n: int) -> None:
+        """Charge ``n`` received bytes to this client's bucket; sleep if it is in debt.
+
+        Reads pause meanwhile, so TCP backpressure slows the sender and nothing is dropped. The
+        limits are read from the server at every read, so a SIGHUP reload applies at once.
+        """
+        limits = self.server.rate_limits
+        if limits is None:
+            return
+        now = trio.current_time()
+        bucket = self._rate_bucket
+        if bucket is None:
+            bucket = self._rate_bucket = ByteBucket(limits, now)
+        elif bucket.limits is not limits:
+            bucket.update(limits)
+        delay = bucket.take(min(n, bucket.burst), now)
+        if delay > 0:
+            stats = self.stats
+            stats.rate_limit_waits += 1
+            stats.rate_limit_wait_seconds += delay
+            await trio.sleep(delay)
 
     def _process(self, buf: bytearray, mv: memoryview, pos: int, end: int) -> int:
         """Handle every complete frame in ``buf[pos:end]``; return where the unparsed tail starts.

@@ -7,6 +7,7 @@ Connection flow, written down once::
         ├─ GET /derp, Upgrade: DERP                 101 (or nothing, with Derp-Fast-Start: 1)
         └─ GET /derp, Upgrade: websocket + "derp"   WebSocket 101, DERP inside binary messages
     DERP: ServerKey (10 s) ─► ClientInfo (10 s, 56 B .. 256 KiB, box must open)
+        ─► admission (non-mesh clients; same 10 s; refused → closed, no ServerInfo; _admission)
         ─► register in the routing table (watchers hear PeerPresent) ─► ServerInfo
         ─► ClientConn.run(): one reader, one writer, until either ends
 
@@ -21,6 +22,7 @@ import http
 import logging
 import math
 import ssl
+import sys
 from collections.abc import Sequence
 from typing import Final
 
@@ -46,8 +48,10 @@ from natlib.derp import (
 )
 from natlib.keys import NodePrivateKey
 
+from ._admission import AdmissionPolicy, AllowListError
 from ._http import DerpUpgrade, Reply, RouteConfig, WebSocketUpgrade, route
 from ._queue import DEFAULT_QUEUE_DEPTH, QueueEntry
+from ._ratelimit import ConnectionLimiter, RateConfigError, RateLimits, load_rate_config
 from ._sclient import KEEPALIVE_JITTER, ClientConn
 from ._state import RoutingTable
 from ._stats import RelayStats
@@ -94,7 +98,16 @@ class RelayServer:
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         derp_enabled: bool = True,
         home: str = "",
+        admission: AdmissionPolicy | None = None,
+        rate_limits: RateLimits | None = None,
+        rate_config_path: str = "",
+        accept_connection_limit: float = math.inf,
+        accept_connection_burst: int = sys.maxsize,
     ) -> None:
+        """``admission``: checks for non-mesh clients (None: everyone is admitted).
+        ``rate_limits``: per-client receive limits (None: off); ``rate_config_path`` is the file
+        :meth:`reload` re-reads. ``accept_connection_limit``/``_burst``: connections per second
+        (and burst) accepted on TLS listeners; +inf = no limit."""
         self.private_key = private_key
         self.public_key = private_key.public
         self.mesh_key = mesh_key
@@ -110,6 +123,13 @@ class RelayServer:
         self.home = home
         self.stats = RelayStats()
         self.table = RoutingTable(self.stats)
+        self.admission = admission if admission is not None and admission.enabled else None
+        self.rate_config_path = rate_config_path
+        # Read by every client reader at every socket read: None = no rate limiting.
+        self.rate_limits: RateLimits | None = None
+        self.set_rate_limits(rate_limits)
+        self.accept_connection_limit = accept_connection_limit
+        self.accept_connection_burst = accept_connection_burst
         self._server_key_frame = ServerKey(self.public_key.raw).encode()
         self._upgrade_response = (
             b"HTTP/1.1 101 Switching Protocols\r\n"
@@ -120,6 +140,45 @@ class RelayServer:
         )
         self._conn_scopes: set[trio.CancelScope] = set()  # one per live connection
         self._shutting_down = False
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def set_rate_limits(self, limits: RateLimits | None) -> None:
+        """Apply per-client rate limits (None: off); live connections pick them up at once."""
+        self.rate_limits = limits
+        self.stats.rate_limit_bytes_per_second = limits.bytes_per_sec if limits else 0.0
+        self.stats.rate_limit_burst_bytes = limits.burst if limits else 0.0
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the allow file and the rate config. A bad file keeps the old settings.
+
+        Logs what happened; returns False if anything failed to load.
+        """
+        ok = True
+        if self.admission is not None and self.admission.allow_file:
+            try:
+                log.info("reloaded %s", self.admission.reload())
+            except AllowListError as e:
+                ok = False
+                log.error("allow file not reloaded, keeping the old list: %s", e)
+        if self.rate_config_path:
+            try:
+                limits = load_rate_config(self.rate_config_path)
+            except RateConfigError as e:
+                ok = False
+                log.error("rate config not reloaded, keeping the old limits: %s", e)
+            else:
+                self.set_rate_limits(limits)
+                if limits is None:
+                    log.info("reloaded rate config %s: rate limiting off", self.rate_config_path)
+                else:
+                    log.info(
+                        "reloaded rate config %s: %g bytes/s per client, burst %g bytes",
+                        self.rate_config_path,
+                        limits.bytes_per_sec,
+                        limits.burst,
+                    )
+        return ok
 
     # -- listeners -------------------------------------------------------------------------------
 
@@ -147,17 +206,27 @@ class RelayServer:
             is_tls=ssl_context is not None,
             http_side_listener=http_side_listener,
         )
+        # One accept limiter per TLS listener, shared by its sockets (IPv4 and IPv6).
+        limiter: ConnectionLimiter | None = None
+        if ssl_context is not None and self.accept_connection_limit != math.inf:
+            limiter = ConnectionLimiter(
+                self.accept_connection_limit, self.accept_connection_burst, trio.current_time()
+            )
         try:
             async with trio.open_nursery() as nursery:
                 for s in socks:
-                    nursery.start_soon(self._accept_loop, s, ssl_context, cfg)
+                    nursery.start_soon(self._accept_loop, s, ssl_context, cfg, limiter)
                 task_status.started(bound)
         finally:
             for s in socks:
                 s.close()
 
     async def _accept_loop(
-        self, listen_sock: trio.socket.SocketType, ssl_context: ssl.SSLContext | None, cfg: RouteConfig
+        self,
+        listen_sock: trio.socket.SocketType,
+        ssl_context: ssl.SSLContext | None,
+        cfg: RouteConfig,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         async with trio.open_nursery() as handlers:
             while True:
@@ -169,6 +238,13 @@ class RelayServer:
                         await trio.sleep(0.1)
                         continue
                     raise
+                if ssl_context is not None:
+                    # derper's tls_listener: over the limit, accept and close at once.
+                    if limiter is not None and not limiter.allow(trio.current_time()):
+                        self.stats.tls_listener_rejected += 1
+                        sock.close()
+                        continue
+                    self.stats.tls_listener_accepted += 1
                 self.stats.accepts += 1
                 handlers.start_soon(self._handle_connection, sock, addr, ssl_context, cfg)
 
@@ -379,7 +455,15 @@ class RelayServer:
                 raise HandshakeError("short_client_info", f"ClientInfo of {len(payload)} bytes")
             client_key, info = open_client_info(self.private_key, payload)
             is_mesh_peer = info.has_mesh_key(self.mesh_key)
-            # Admission checks (verify-client-url, allow lists) will run here, inside this budget.
+            # Admission, inside the ClientInfo budget (spec §3, §5). Mesh peers always pass.
+            if self.admission is not None and not is_mesh_peer:
+                decision = await self.admission.check(client_key.raw, remote[0])
+                if decision.url_result is not None:
+                    self.stats.admission[decision.url_result] += 1
+                if decision.reject is not None:
+                    self.stats.rejected_clients[decision.reject] += 1
+                    log.info("client %s rejected: %s", client_key.text(), decision.detail or decision.reject)
+                    return  # closed silently, no ServerInfo (as derper)
         not_ideal = ideal_node is not None and ideal_node != self.hostname
         conn = ClientConn(
             self,

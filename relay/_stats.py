@@ -72,10 +72,16 @@ class RelayStats:
     rejected_clients: Counter[str] = field(default_factory=Counter)
     # Accepted TLS connections by negotiated version (derper's derper_tls_request_version).
     tls_versions: Counter[str] = field(default_factory=Counter)
-    # For features not built yet; the metrics exporter already exports them (at 0 until then).
+    # Client admission (relay/_admission.py); rejections of any check are in rejected_clients.
     admission: Counter[str] = field(default_factory=Counter)  # by result, see ADMISSION_RESULTS
-    rate_limit_waits: int = 0  # frames that had to wait for a client's rate-limit token bucket
+    # Per-client rate limits (-rate-config, relay/_ratelimit.py): the limits in force (0 = off)...
+    rate_limit_bytes_per_second: float = 0.0
+    rate_limit_burst_bytes: float = 0.0
+    rate_limit_waits: int = 0  # ...socket reads (<= 64 KiB each) that had to wait for the bucket
     rate_limit_wait_seconds: float = 0.0  # total time spent in those waits
+    # The TLS listener's accept limiter (-accept-connection-limit/-burst), as derper's tls_listener.
+    tls_listener_accepted: int = 0
+    tls_listener_rejected: int = 0
 
     def __post_init__(self) -> None:
         for r in DROP_REASONS:

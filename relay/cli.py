@@ -1,5 +1,7 @@
 """``meshrelay``: run a DERP relay. Accepts derper's flags (see ``meshrelay -h``).
 
+SIGHUP re-reads ``-allow-file`` and ``-rate-config`` (a bad file keeps the old settings).
+
 Exit status: 0 after a clean shutdown (SIGINT/SIGTERM) or ``-h``/``-version``; 2 for a bad command
 line or configuration, with a one-line message saying what is wrong.
 """
@@ -7,6 +9,7 @@ line or configuration, with a one-line message saying what is wrong.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import ssl
 import sys
@@ -17,10 +20,12 @@ import trio
 from natlib.keys import NodePrivateKey
 
 from . import __version__
+from ._admission import AdmissionPolicy, AllowListError
 from ._config import ConfigError, RelayConfig, build_flagset, config_from_args, load_or_create_key
 from ._flags import FlagError, HelpRequested
 from ._mesh import MeshPeer
 from ._metrics import build_registry, serve_metrics
+from ._ratelimit import RateConfigError, RateLimits, load_rate_config
 from ._server import RelayServer
 from ._stun_server import StunStats, serve_stun
 
@@ -33,8 +38,45 @@ def _make_ssl_context(cfg: RelayConfig, key: NodePrivateKey) -> ssl.SSLContext:
     return server_context_for_manual_mode(cfg.certdir, cfg.hostname, key.public.raw, log=log)
 
 
+def _admission_and_limits(cfg: RelayConfig) -> tuple[AdmissionPolicy, RateLimits | None]:
+    """Load the allow file and the rate config named by ``cfg``; ConfigError if one is bad."""
+    try:
+        admission = AdmissionPolicy(
+            allow_file=cfg.allow_file,
+            verify_url=cfg.verify_client_url,
+            fail_open=cfg.verify_client_url_fail_open,
+        )
+    except AllowListError as e:
+        raise ConfigError(f"-allow-file {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"-verify-client-url {e}") from None
+    limits = None
+    if cfg.rate_config:
+        try:
+            limits = load_rate_config(cfg.rate_config)
+        except RateConfigError as e:
+            raise ConfigError(f"-rate-config {e}") from None
+    return admission, limits
+
+
 async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
-    """Serve until SIGINT or SIGTERM, then stop accepting, close every client and return."""
+    """Serve until SIGINT or SIGTERM, then stop accepting, close every client and return.
+
+    SIGHUP reloads the allow file and the rate config.
+    """
+    admission, limits = _admission_and_limits(cfg)
+    if admission.allowed is not None:
+        log.info("admission: allow file %s with %d node keys", cfg.allow_file, len(admission.allowed))
+    if cfg.verify_client_url:
+        log.info(
+            "admission: asking %s (fail %s)",
+            cfg.verify_client_url,
+            "open" if cfg.verify_client_url_fail_open else "closed",
+        )
+    if limits is not None:
+        log.info("rate limit: %g bytes/s per client, burst %g bytes", limits.bytes_per_sec, limits.burst)
+    if cfg.accept_connection_limit != math.inf and not cfg.tls:
+        log.warning("-accept-connection-limit applies to the TLS listener only; this relay has none")
     server = RelayServer(
         key,
         mesh_key=cfg.mesh_key,
@@ -42,10 +84,15 @@ async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
         write_timeout=cfg.write_timeout,
         derp_enabled=cfg.derp,
         home=cfg.home,
+        admission=admission,
+        rate_limits=limits,
+        rate_config_path=cfg.rate_config,
+        accept_connection_limit=cfg.accept_connection_limit,
+        accept_connection_burst=cfg.accept_connection_burst,
     )
     ssl_context = _make_ssl_context(cfg, key) if cfg.tls else None
     stun_stats = StunStats()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(
                 lambda task_status: server.serve_tcp(
@@ -77,6 +124,10 @@ async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
                 peer = MeshPeer(server, target, tls=cfg.tls, ssl_context=mesh_ssl)
                 nursery.start_soon(peer.run, name=f"mesh {target}")
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("received SIGHUP: reloading the allow file and the rate config")
+                    server.reload()
+                    continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 server.close_all_connections()
                 nursery.cancel_scope.cancel()

@@ -75,8 +75,8 @@ def test_main_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_unsupported_features_fail_loudly() -> None:
-    values, given = parse("-dev", "-verify-client-url", "http://127.0.0.1:1/verify")
-    with pytest.raises(ConfigError, match="-verify-client-url"):
+    values, given = parse("-dev", "-verify-clients")
+    with pytest.raises(ConfigError, match="-verify-clients: client verification through a local tailscaled"):
         config_from_args(values, given)
     values, given = parse("-a", ":443", "-c", "/tmp/k")
     with pytest.raises(ConfigError, match="-certmode letsencrypt"):
