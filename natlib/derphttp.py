@@ -105,6 +105,7 @@ __all__ = [
     "DerpConnectTimeout",
     "DerpConnectionClosed",
     "DerpEvent",
+    "PersistentClient",
     "connect",
 ]
 
@@ -1008,3 +1009,126 @@ async def _upgrade_and_handshake(
         fast_start=fast_start,
         websocket=target.websocket,
     )
+
+
+# -- staying connected ---------------------------------------------------------------------------
+
+RECONNECT_BACKOFF_MAX: Final = 5.0
+"""Longest wait between two reconnection attempts after an unannounced disconnect."""
+
+
+class PersistentClient:
+    """A DERP client that stays connected: it reconnects after a relay restart or a lost link.
+
+    A relay about to restart sends Restarting(reconnect in, try for). This client then closes its
+    connection, waits the hinted time, and reconnects, retrying until the hinted window is over
+    (then it falls back to its usual backoff). After an unannounced disconnect it reconnects with
+    exponential backoff (0.1 s doubling up to :data:`RECONNECT_BACKOFF_MAX`). Use it as an async
+    context manager; it runs one background task.
+
+    Packets are datagrams: :meth:`send` while disconnected drops the packet and counts it in
+    :attr:`dropped_while_disconnected` rather than waiting. :meth:`receive` returns frames across
+    reconnects. Cancellation: cancelling ``receive`` loses nothing; leaving the ``async with``
+    closes the connection and stops reconnecting.
+    """
+
+    def __init__(self, url: str, private_key: NodePrivateKey, **connect_options: Any) -> None:
+        self.url = url
+        self.private_key = private_key
+        self.connect_options = connect_options
+        self.connects = 0
+        self.restarts_honoured = 0
+        self.dropped_while_disconnected = 0
+        self._client: DerpClient | None = None
+        self._connected = anyio.Event()
+        send, recv = anyio.create_memory_object_stream[DerpEvent](1024)
+        self._events_in, self._events_out = send, recv
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    @property
+    def local_key(self) -> NodePublicKey:
+        return self.private_key.public
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and not self._client.is_closed
+
+    async def __aenter__(self) -> PersistentClient:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._run)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(et, ev, tb)
+        if self._client is not None:
+            with anyio.CancelScope(shield=True):
+                await self._client.aclose()
+        self._events_in.close()
+        self._events_out.close()
+
+    async def wait_connected(self) -> None:
+        """Wait until a connection is up (the first one, or the next after a restart)."""
+        while not self.connected:
+            await self._connected.wait()
+
+    async def send(self, dst: NodePublicKey, packet: bytes) -> None:
+        client = self._client
+        if client is None or client.is_closed:
+            self.dropped_while_disconnected += 1
+            return
+        try:
+            await client.send(dst, packet)
+        except DerpConnectionClosed:
+            self.dropped_while_disconnected += 1
+
+    async def receive(self) -> DerpEvent:
+        return await self._events_out.receive()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        retry_until = 0.0  # while a Restarting window is open, retry quickly until then
+        while True:
+            try:
+                client = await connect(self.url, self.private_key, **self.connect_options)
+            except DerpConnectError as e:
+                now = anyio.current_time()
+                delay = 0.1 if now < retry_until else backoff
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+                log.debug("reconnecting to %s in %.1fs: %s", self.url, delay, e)
+                await anyio.sleep(delay)
+                continue
+            backoff, retry_until = 0.1, 0.0
+            self._client = client
+            self.connects += 1
+            self._connected.set()
+            self._connected = anyio.Event()
+            hint: Restarting | None = None
+            try:
+                while True:
+                    event = await client.receive()
+                    if isinstance(event, Restarting):
+                        hint = event
+                        break
+                    try:
+                        self._events_in.send_nowait(event)
+                    except anyio.WouldBlock:
+                        log.debug("receive queue full; dropping %r", type(event).__name__)
+            except DerpConnectionClosed as e:
+                log.info("DERP connection to %s lost (%s); reconnecting", self.url, e.reason)
+            finally:
+                self._client = None
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
+            if hint is not None:
+                self.restarts_honoured += 1
+                log.info(
+                    "relay %s is restarting: reconnecting in %d ms, trying for %d ms",
+                    self.url, hint.reconnect_in_ms, hint.try_for_ms,
+                )
+                await anyio.sleep(hint.reconnect_in_ms / 1000)
+                retry_until = anyio.current_time() + hint.try_for_ms / 1000

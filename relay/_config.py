@@ -101,6 +101,9 @@ def build_flagset() -> FlagSet:
     # meshrelay's own flags
     fs.add_string("allow-file", "", "if non-empty, only these node keys may connect (mesh peers always may): a file with one nodekey:<hex> per line (# comments), or a *.toml file of [[node]] tables with node_key = \"nodekey:<hex>\"; reloaded on SIGHUP (meshrelay)")
     fs.add_string("log-level", "info", "log level: debug, info, warning or error (meshrelay)")
+    fs.add_duration("shutdown-grace", 5.0, "on SIGTERM, tell every client to reconnect (DERP Restarting frame), stop accepting and wait this long for clients to leave before closing the rest; 0 closes at once (meshrelay)")
+    fs.add_duration("restart-reconnect-in", 1.0, "in the Restarting frame sent on SIGTERM: how long clients should wait before reconnecting (meshrelay)")
+    fs.add_duration("restart-try-for", 30.0, "in the Restarting frame sent on SIGTERM: how long clients should keep trying to reconnect (meshrelay)")
     fs.add_string("metrics-addr", DEFAULT_METRICS_ADDR, "listen address for Prometheus metrics at /metrics, \"ip:port\" or \"[ip]:port\" (no IP: all interfaces); \"\" or \"off\" disables it (meshrelay; see docs/metrics.md)")
     return fs
 
@@ -153,6 +156,9 @@ class RelayConfig:
     tcp_keepalive_time: float
     tcp_user_timeout: float
     log_level: str
+    shutdown_grace: float
+    restart_reconnect_in: float
+    restart_try_for: float
     metrics_addr: tuple[str, int] | None  # None: no metrics listener
     verify_client_url: str = ""
     verify_client_url_fail_open: bool = True
@@ -241,10 +247,20 @@ def config_from_args(values: dict[str, Any], given: set[str], *, is_root: bool |
         home=str(values["home"]), mesh_key=mesh_key, mesh_with=mesh_with, write_timeout=write_timeout,
         tcp_keepalive_time=float(values["tcp-keepalive-time"]),
         tcp_user_timeout=float(values["tcp-user-timeout"]), log_level=level, metrics_addr=metrics_addr,
+        shutdown_grace=_non_negative(values, "shutdown-grace"),
+        restart_reconnect_in=_non_negative(values, "restart-reconnect-in"),
+        restart_try_for=_non_negative(values, "restart-try-for"),
         verify_client_url=verify_url, verify_client_url_fail_open=bool(values["verify-client-url-fail-open"]),
         allow_file=str(values["allow-file"]), rate_config=str(values["rate-config"]),
         accept_connection_limit=accept_limit, accept_connection_burst=accept_burst,
     )
+
+
+def _non_negative(values: dict[str, Any], name: str) -> float:
+    v = float(values[name])
+    if v < 0:
+        raise ConfigError(f"-{name}: must not be negative")
+    return v
 
 
 def load_or_create_key(path: str) -> NodePrivateKey:

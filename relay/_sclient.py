@@ -145,6 +145,13 @@ class ClientConn:
             self.stats.drop("queue_head", disco, old.packets, old.payload_bytes)
         self._wake.set()
 
+    def queue_control(self, frame: bytes) -> None:
+        """Queue an encoded control frame (written before queued packets)."""
+        if self.closing:
+            return
+        self._control.append(frame)
+        self._wake.set()
+
     def queue_peer_gone(self, key: bytes, reason: int) -> None:
         if self.closing:
             return

@@ -39,6 +39,7 @@ from natlib.derp import (
     HandshakeError,
     PeerGoneReason,
     ProtocolError,
+    Restarting,
     ServerInfo,
     ServerInfoFrame,
     ServerKey,
@@ -140,6 +141,8 @@ class RelayServer:
         )
         self._conn_scopes: set[trio.CancelScope] = set()  # one per live connection
         self._shutting_down = False
+        self._listen_socks: set[trio.socket.SocketType] = set()
+        self._accepting_stopped = False
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -194,8 +197,9 @@ class RelayServer:
         """Listen on ``host:port`` (``None``/``""``: every address) until cancelled.
 
         ``task_status.started`` reports the bound addresses, so port 0 works in tests.
-        Cancelling this task stops accepting; connections already accepted live on in the
-        server's connection scope until :meth:`close_all_connections`.
+        Cancelling this task also closes the connections it accepted. To stop accepting but let
+        connections drain (graceful restart), call :meth:`stop_accepting`: this task then returns
+        when the last of them has ended.
         """
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         socks = [lst.socket for lst in listeners]
@@ -228,11 +232,16 @@ class RelayServer:
         cfg: RouteConfig,
         limiter: ConnectionLimiter | None = None,
     ) -> None:
+        self._listen_socks.add(listen_sock)
         async with trio.open_nursery() as handlers:
-            while True:
+            while not self._accepting_stopped:
                 try:
                     sock, addr = await listen_sock.accept()
+                except trio.ClosedResourceError:
+                    break  # stop_accepting(): connections already accepted live on
                 except OSError as e:
+                    if e.errno == errno.EBADF:  # closed by stop_accepting() between two accepts
+                        break
                     if e.errno in _ACCEPT_RETRY_ERRNOS:
                         log.error("accept failed (%s); retrying in 100 ms", e)
                         await trio.sleep(0.1)
@@ -247,6 +256,27 @@ class RelayServer:
                     self.stats.tls_listener_accepted += 1
                 self.stats.accepts += 1
                 handlers.start_soon(self._handle_connection, sock, addr, ssl_context, cfg)
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; connections already accepted are not affected."""
+        self._accepting_stopped = True
+        for s in self._listen_socks:
+            s.close()
+        self._listen_socks.clear()
+
+    def announce_restart(self, reconnect_in: float, try_for: float) -> int:
+        """Send Restarting to every client (graceful restart); return how many were told.
+
+        The frame says: this relay is going away; reconnect in ``reconnect_in`` seconds and keep
+        trying for ``try_for`` seconds. derper defines the frame but never sends it.
+        """
+        frame = Restarting(int(reconnect_in * 1000), int(try_for * 1000)).encode()
+        told = 0
+        for cs in list(self.table.sets.values()):
+            for conn in cs.conns:
+                conn.queue_control(frame)
+                told += 1
+        return told
 
     def close_all_connections(self) -> None:
         """Close every client connection now, and any accepted later (shutdown)."""

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import trio
+
 from natlib.derp import PeerGoneReason
 
 from ._stats import RelayStats
@@ -58,6 +60,7 @@ class RoutingTable:
         self.active: dict[bytes, ClientConn] = {}
         self.watchers: set[ClientConn] = set()
         self.forwarders: dict[bytes, list[MeshPeer]] = {}
+        self._empty: trio.Event | None = None
         self._receivers_of: dict[bytes, set[ClientConn]] = {}
 
     # -- registration ----------------------------------------------------------------------------
@@ -87,6 +90,8 @@ class RoutingTable:
         if cs is None or conn not in cs.conns:
             return
         self.stats.current_connections -= 1
+        if self.stats.current_connections == 0 and self._empty is not None:
+            self._empty.set()
         if conn.is_home:
             self.stats.current_home_connections -= 1
         self.watchers.discard(conn)
@@ -118,6 +123,15 @@ class RoutingTable:
         elif cs.active is conn:
             cs.active = None
             self.active.pop(key, None)
+
+    async def wait_empty(self) -> None:
+        """Return once no client connection is registered (used while draining)."""
+        if self.stats.current_connections == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._empty is None or self._empty.is_set():
+            self._empty = trio.Event()
+        await self._empty.wait()
 
     def note_activity(self, conn: ClientConn) -> None:
         """A frame arrived on ``conn``: under last-writer-is-active it takes over its key."""

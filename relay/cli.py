@@ -128,10 +128,31 @@ async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
                     log.info("received SIGHUP: reloading the allow file and the rate config")
                     server.reload()
                     continue
-                log.info("received %s: shutting down", signal.Signals(signum).name)
+                if signum == signal.SIGTERM and cfg.shutdown_grace > 0:
+                    await _drain(server, cfg)
+                else:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
                 server.close_all_connections()
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _drain(server: RelayServer, cfg: RelayConfig) -> None:
+    """Graceful restart: tell clients when to come back, stop accepting, let them leave."""
+    told = server.announce_restart(cfg.restart_reconnect_in, cfg.restart_try_for)
+    server.stop_accepting()
+    log.info(
+        "received SIGTERM: told %d connections to reconnect in %gs (trying for %gs); "
+        "no longer accepting; draining for up to %gs",
+        told,
+        cfg.restart_reconnect_in,
+        cfg.restart_try_for,
+        cfg.shutdown_grace,
+    )
+    with trio.move_on_after(cfg.shutdown_grace):
+        await server.table.wait_empty()
+    left = server.stats.current_connections
+    log.info("drained: %d connections left, closing them", left)
 
 
 def _only_os_error(e: BaseException) -> OSError | None:
