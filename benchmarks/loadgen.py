@@ -18,6 +18,12 @@ that the hot loops speak raw frames:
   the relay dropped (derper's queue policy drops the oldest packets when a receiver falls behind).
 * **rtt**: one pair, one frame in flight: A sends, B receives and sends back, A receives. Blocking
   sockets in one thread (4 wakeups per round trip: relay, B, relay, A). Percentiles in µs.
+* **handshakes**: a few client threads each loop TCP connect + TLS (full handshake, no resumption)
+  + HTTP upgrade + DERP handshake (up to ServerInfo), then close, for N seconds → handshakes/s and
+  the relay's CPU µs per handshake.
+* **idle**: open N DERP clients (default plain HTTP), keep them idle, and read the relay's
+  ``VmRSS`` before and after → bytes per idle connection. Raises its own ``RLIMIT_NOFILE`` soft
+  limit to the hard limit first.
 
 The server's CPU is read from ``/proc/<pid>/stat`` at the start and end of the measure window when
 ``--server-pid`` is given. Results are one JSON object on stdout with ``--json``.
@@ -26,6 +32,8 @@ Usage::
 
     python -m benchmarks.loadgen throughput --port 3340 --pairs 20 --size 1200 [--tls] --json
     python -m benchmarks.loadgen rtt --port 3340 --size 100 --count 20000 [--tls]
+    python -m benchmarks.loadgen handshakes --port 443 --tls --duration 3 --parallel 4
+    python -m benchmarks.loadgen idle --port 3340 --clients 1000 --server-pid PID
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +60,10 @@ __all__ = [
     "Endpoint",
     "open_derp",
     "proc_cpu_seconds",
+    "proc_rss_kib",
+    "raise_nofile",
+    "run_handshakes",
+    "run_idle",
     "run_rtt",
     "run_throughput",
 ]
@@ -86,16 +99,46 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # fields 14 and 15 of stat(5)
 
 
-def proc_rss_mib(pid: int) -> float | None:
-    """Resident set size of a process in MiB, from /proc/PID/status."""
+def proc_status_kib(pid: int, field: bytes = b"VmRSS:") -> int | None:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM, ...), or None."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
+                if line.startswith(field):
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def proc_rss_kib(pid: int) -> int | None:
+    """Resident set size of a process in KiB (VmRSS from /proc/PID/status)."""
+    return proc_status_kib(pid, b"VmRSS:")
+
+
+def proc_rss_mib(pid: int) -> float | None:
+    """Resident set size of a process in MiB, from /proc/PID/status."""
+    kib = proc_rss_kib(pid)
+    return None if kib is None else kib / 1024.0
+
+
+def proc_threads(pid: int) -> int | None:
+    return proc_status_kib(pid, b"Threads:")
+
+
+def raise_nofile(want: int | None = None) -> int:
+    """Raise the RLIMIT_NOFILE soft limit (to ``want`` or the hard limit); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if want is None or hard == resource.RLIM_INFINITY else min(want, hard)
+    if want is not None and hard == resource.RLIM_INFINITY:
+        target = want
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def system_busy_seconds() -> float | None:
@@ -330,7 +373,22 @@ class StreamVerifier:
 
 
 class Client:
-    __slots__ = ("closed", "error", "name", "rx", "sock", "tls", "tx", "tx_bytes", "tx_off", "txmv")
+    __slots__ = (
+        "blocked_at",
+        "closed",
+        "error",
+        "name",
+        "partner",
+        "rx",
+        "sock",
+        "tls",
+        "tx",
+        "tx_bytes",
+        "tx_off",
+        "txmv",
+        "want_w",
+        "written_off",
+    )
 
     def __init__(self, name: str, sock: socket.socket, tx: bytes, rx: StreamVerifier) -> None:
         self.name = name
@@ -343,6 +401,10 @@ class Client:
         self.rx = rx
         self.closed = False
         self.error: str | None = None
+        self.partner: Client = self
+        self.want_w = True  # registered for EVENT_WRITE
+        self.blocked_at = 0.0  # window full since (0 = not blocked)
+        self.written_off = 0  # frames given up on after a stall (dropped by the relay)
 
 
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -356,7 +418,12 @@ def run_throughput(
     duration: float,
     server_pid: int | None = None,
     drain_timeout: float = 3.0,
+    window: int = 0,
 ) -> dict[str, Any]:
+    """``window`` > 0: each sender keeps at most that many frames in flight (sent to the relay, not
+    yet received by its partner), so a relay that drops on overload (derper's 32-packet queue) is
+    measured at its lossless rate. A sender whose window stays full for 50 ms writes the missing
+    frames off as lost. ``window`` 0 (the default): flood, as fast as the relay accepts."""
     flen = HDR + KEY + size
     ctx = ep.ssl_context() if ep.tls else None
     t_conn = time.perf_counter()
@@ -375,9 +442,12 @@ def run_throughput(
             rx = StreamVerifier(recv_frame(peer, make_payload(size, j)))
             clients.append(Client(f"p{i // 2}{'ab'[i % 2]}", socks[i], tx, rx))
             del me
+        for i, c in enumerate(clients):
+            c.partner = clients[i ^ 1]
         info = tls_info(socks[0])
-        return _pump(clients, flen, warmup, duration, server_pid, drain_timeout) | {
+        return _pump(clients, flen, warmup, duration, server_pid, drain_timeout, window) | {
             "mode": "throughput",
+            "window_frames": window,
             "tls": ep.tls,
             "tls_info": info,
             "pairs": pairs,
@@ -403,12 +473,17 @@ def _pump(
     duration: float,
     server_pid: int | None,
     drain_timeout: float,
+    window: int = 0,
 ) -> dict[str, Any]:
     sel = selectors.DefaultSelector()
+    wbytes = window * flen
+    blocked: set[Client] = set()
+    stalls = 0
+    stall_s = 0.05
     R, W = selectors.EVENT_READ, selectors.EVENT_WRITE
-    for c in clients:
-        c.sock.setblocking(False)
-        sel.register(c.sock, R | W, c)
+    for cl in clients:
+        cl.sock.setblocking(False)
+        sel.register(cl.sock, R | W, cl)
     rbuf = bytearray(RBUF)
     rmv = memoryview(rbuf)
     now = time.perf_counter
@@ -462,9 +537,31 @@ def _pump(
                 if c.closed:
                     sel.unregister(sock)
                     continue
+                pc = c.partner
+                if (
+                    pc in blocked
+                    and not pc.closed
+                    and (state < 2 or pc in stopping)
+                    and wbytes - (pc.tx_bytes - (c.rx.frames + pc.written_off) * flen) > 0
+                ):
+                    blocked.discard(pc)
+                    pc.blocked_at = 0.0
+                    pc.want_w = True
+                    sel.modify(pc.sock, R | W, pc)
             if mask & W and not c.closed:
+                stop = len(c.tx)
+                if wbytes:
+                    room = wbytes - (c.tx_bytes - (c.partner.rx.frames + c.written_off) * flen)
+                    if room <= 0:
+                        if c.want_w:
+                            c.want_w = False
+                            c.blocked_at = now()
+                            blocked.add(c)
+                            sel.modify(c.sock, R, c)
+                        continue
+                    stop = min(stop, c.tx_off + room)
                 try:
-                    n = c.sock.send(c.txmv[c.tx_off :])
+                    n = c.sock.send(c.txmv[c.tx_off : stop])
                 except _WOULD_BLOCK:
                     n = 0
                 except OSError as e:
@@ -478,8 +575,19 @@ def _pump(
                     c.tx_off = 0
                 if state == 2 and c in stopping and c.tx_off % flen == 0:
                     stopping.discard(c)
+                    c.want_w = False
                     sel.modify(c.sock, R, c)
         t = now()
+        if blocked:
+            for bc in [b for b in blocked if t - b.blocked_at > stall_s]:
+                # window full for 50 ms: the relay dropped those frames; write them off
+                blocked.discard(bc)
+                bc.blocked_at = 0.0
+                bc.written_off = bc.tx_bytes // flen - bc.partner.rx.frames
+                stalls += 1
+                if not bc.closed and (state < 2 or bc in stopping):
+                    bc.want_w = True
+                    sel.modify(bc.sock, R | W, bc)
         if got:
             gap = t - last_rx
             if gap > max_gap and state < 2:
@@ -496,6 +604,8 @@ def _pump(
                 if c.closed:
                     continue
                 if c.tx_off % flen == 0:
+                    c.want_w = False
+                    blocked.discard(c)
                     sel.modify(c.sock, R, c)
                 else:
                     stopping.add(c)
@@ -545,6 +655,7 @@ def _pump(
         "lost_frames": sent_total - recv_total,
         "lost_pct": round(100.0 * (sent_total - recv_total) / sent_total, 3) if sent_total else 0.0,
         "partial_frames_at_end": leftover,
+        "window_stalls": stalls,
         "max_rx_gap_ms": round(max_gap * 1000, 2),
         "bad_frames": sum(c.rx.bad for c in clients),
         "bad_frame_examples": errors[:10],
@@ -674,6 +785,254 @@ def run_rtt(
 
 
 # --------------------------------------------------------------------------------------------------
+# handshake rate
+
+
+def run_handshakes(
+    ep: Endpoint,
+    duration: float,
+    parallel: int = 4,
+    server_pid: int | None = None,
+    warmup: float = 0.5,
+) -> dict[str, Any]:
+    """``parallel`` threads each loop connect + (TLS) + upgrade + DERP handshake + close.
+
+    Every TLS handshake is a full one (a fresh client session each time, no resumption). Counts
+    the handshakes completed inside the measure window (after ``warmup``).
+    """
+    ctx = ep.ssl_context() if ep.tls else None
+    keys_per_thread = 64  # rotate keys so a reconnect never races the relay's close of the same key
+    keys = [[NodePrivateKey.generate() for _ in range(keys_per_thread)] for _ in range(parallel)]
+    now = time.perf_counter
+    t_start = now()
+    meas0 = t_start + warmup
+    meas1 = meas0 + duration
+    counts = [0] * parallel
+    totals = [0] * parallel
+    lat: list[list[float]] = [[] for _ in range(parallel)]
+    errors: list[str] = []
+    n_errors = [0]
+    lock = threading.Lock()
+    info: dict[str, Any] = {}
+
+    def worker(i: int) -> None:
+        ks = keys[i]
+        j = 0
+        while True:
+            t0 = now()
+            if t0 >= meas1:
+                return
+            try:
+                s = open_derp(ep, ks[j % keys_per_thread], ctx)
+            except (OSError, HandshakeFailed, ssl.SSLError) as e:
+                with lock:
+                    n_errors[0] += 1
+                    if len(errors) < 10:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    if n_errors[0] > 1000:
+                        return
+                continue
+            t1 = now()
+            if not info and i == 0:
+                info.update(tls_info(s))
+            s.close()
+            j += 1
+            totals[i] += 1
+            if meas0 <= t0 and t1 <= meas1:
+                counts[i] += 1
+                lat[i].append(t1 - t0)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(parallel)]
+    for t in threads:
+        t.start()
+    # edges of the measure window
+    time.sleep(max(0.0, meas0 - now()))
+    srv0 = proc_cpu_seconds(server_pid) if server_pid else None
+    me0 = self_cpu_seconds()
+    sys0 = system_busy_seconds()
+    w0 = now()
+    time.sleep(max(0.0, meas1 - now()))
+    srv1 = proc_cpu_seconds(server_pid) if server_pid else None
+    me1 = self_cpu_seconds()
+    sys1 = system_busy_seconds()
+    el = now() - w0
+    for t in threads:
+        t.join(timeout=ep.timeout + 5)
+    n = sum(counts)
+    samples = sorted(x for xs in lat for x in xs)
+
+    def pct(p: float) -> float | None:
+        return (
+            round(samples[min(len(samples) - 1, int(p / 100.0 * len(samples)))] * 1e3, 3) if samples else None
+        )
+
+    srv_cpu = srv1 - srv0 if srv0 is not None and srv1 is not None else None
+    busy = sys1 - sys0 if sys0 is not None and sys1 is not None else None
+    return other_cpu(el, busy, srv_cpu, me1 - me0) | {
+        "mode": "handshakes",
+        "tls": ep.tls,
+        "tls_info": info,
+        "parallel": parallel,
+        "warmup_s": warmup,
+        "duration_s": duration,
+        "elapsed_s": round(el, 4),
+        "handshakes": n,
+        "handshakes_total": sum(totals),
+        "handshakes_per_s": round(n / duration, 1) if duration > 0 else 0.0,
+        "handshake_ms": {"p50": pct(50), "p99": pct(99), "max": pct(100)},
+        "handshake_errors": n_errors[0],
+        "connection_errors": errors,
+        "bad_frames": 0,
+        "loadgen_cpu_pct": round(100.0 * (me1 - me0) / el, 1) if el > 0 else None,
+        "server_cpu_s": round(srv_cpu, 4) if srv_cpu is not None else None,
+        "server_cpu_pct": round(100.0 * srv_cpu / el, 1) if srv_cpu is not None and el > 0 else None,
+        "server_us_per_handshake": round(srv_cpu * 1e6 / n, 1) if srv_cpu is not None and n else None,
+        "server_rss_mib": _round(proc_rss_mib(server_pid) if server_pid else None, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# idle connections: memory per connection
+
+
+def _rss_settled(pid: int, max_wait: float) -> int | None:
+    """VmRSS once two readings 0.25 s apart differ by < 0.5 % (or after ``max_wait``)."""
+    prev = proc_rss_kib(pid)
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        cur = proc_rss_kib(pid)
+        if cur is None or prev is None:
+            return cur
+        if abs(cur - prev) <= max(64, prev // 200):
+            return cur
+        prev = cur
+    return proc_rss_kib(pid)
+
+
+def _mem_available_mib() -> float:
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4096.0
+
+
+def _alive(sock: socket.socket) -> bool:
+    """True if the relay has not closed the connection (pending data, e.g. a KeepAlive, is fine)."""
+    try:
+        sock.setblocking(False)
+        d = sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return True
+    except OSError:
+        return False
+    return bool(d)
+
+
+def run_idle(
+    ep: Endpoint,
+    clients: int,
+    server_pid: int,
+    parallel: int = 8,
+    hold: float = 1.0,
+    settle: float = 3.0,
+    open_timeout: float = 120.0,
+    max_rss_mib: float | None = None,
+) -> dict[str, Any]:
+    """Open ``clients`` DERP clients, keep them idle, report the relay's RSS growth per client.
+
+    Stops opening early (and says so) if the relay's RSS passes ``max_rss_mib`` (default: half of
+    MemAvailable, at most 8 GiB), so a relay with a large per-connection cost cannot exhaust the box.
+    """
+    if max_rss_mib is None:
+        max_rss_mib = min(8192.0, _mem_available_mib() / 2)
+    cap_kib = int(max_rss_mib * 1024)
+    capped = [False]
+    nofile = raise_nofile()
+    if clients + 64 > nofile:
+        raise OSError(f"RLIMIT_NOFILE is {nofile}; {clients} clients need about {clients + 64}")
+    ctx = ep.ssl_context() if ep.tls else None
+    keys = [NodePrivateKey.generate() for _ in range(clients)]
+    threads0 = proc_threads(server_pid)
+    rss0 = _rss_settled(server_pid, settle)
+    hwm0 = proc_status_kib(server_pid, b"VmHWM:")
+    socks: list[socket.socket] = []
+    errors: list[str] = []
+    n_err = [0]
+    lock = threading.Lock()
+    nxt = [0]
+    deadline = time.monotonic() + open_timeout
+    t0 = time.perf_counter()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = nxt[0]
+                if i >= clients or n_err[0] > 50 or time.monotonic() > deadline or capped[0]:
+                    return
+                nxt[0] += 1
+            if i % 100 == 99 and (proc_rss_kib(server_pid) or 0) > cap_kib:
+                capped[0] = True
+            try:
+                s = open_derp(ep, keys[i], ctx)
+            except (OSError, HandshakeFailed, ssl.SSLError) as e:
+                with lock:
+                    n_err[0] += 1
+                    if len(errors) < 10:
+                        errors.append(f"{type(e).__name__}: {e}")
+                continue
+            with lock:
+                socks.append(s)
+
+    try:
+        ths = [threading.Thread(target=worker, daemon=True) for _ in range(parallel)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(timeout=open_timeout + 30)
+        open_s = time.perf_counter() - t0
+        time.sleep(hold)
+        rss1 = _rss_settled(server_pid, settle)
+        hwm1 = proc_status_kib(server_pid, b"VmHWM:")
+        threads1 = proc_threads(server_pid)
+        alive = sum(1 for s in socks if _alive(s))
+    finally:
+        for s in socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+    n = len(socks)
+    delta = (rss1 - rss0) if rss0 is not None and rss1 is not None else None
+    return {
+        "mode": "idle",
+        "tls": ep.tls,
+        "clients_requested": clients,
+        "clients": n,
+        "clients_alive_at_end": alive,
+        "open_s": round(open_s, 3),
+        "opens_per_s": round(n / open_s, 1) if open_s > 0 else None,
+        "rss_before_kib": rss0,
+        "rss_after_kib": rss1,
+        "rss_delta_kib": delta,
+        "hwm_before_kib": hwm0,
+        "hwm_after_kib": hwm1,
+        "server_threads_before": threads0,
+        "server_threads_after": threads1,
+        "bytes_per_conn": round(delta * 1024 / n, 1) if delta is not None and n else None,
+        "connection_errors": errors + ([f"{n_err[0]} failed opens"] if n_err[0] else []),
+        "bad_frames": 0,
+        "nofile_limit": nofile,
+        "rss_cap_mib": round(max_rss_mib, 1),
+        "stopped_at_rss_cap": capped[0],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -692,9 +1051,25 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--pairs", type=int, default=1)
     t.add_argument("--warmup", type=float, default=1.0)
     t.add_argument("--duration", type=float, default=3.0)
+    t.add_argument(
+        "--window", type=int, default=0, help="max frames in flight per sender (0 = flood, the default)"
+    )
     r = sub.add_parser("rtt", parents=[common], help="one pair, one frame in flight")
     r.add_argument("--count", type=int, default=20000)
     r.add_argument("--warmup-count", type=int, default=500)
+    h = sub.add_parser("handshakes", parents=[common], help="connect+TLS+upgrade+DERP handshake+close, rate")
+    h.add_argument("--duration", type=float, default=3.0)
+    h.add_argument("--warmup", type=float, default=0.5)
+    h.add_argument("--parallel", type=int, default=4, help="client threads")
+    i = sub.add_parser("idle", parents=[common], help="N idle clients; relay RSS per connection")
+    i.add_argument("--clients", type=int, default=1000)
+    i.add_argument("--parallel", type=int, default=8, help="threads opening the connections")
+    i.add_argument("--hold", type=float, default=1.0, help="seconds idle before reading RSS")
+    i.add_argument(
+        "--max-rss-mib",
+        type=float,
+        help="stop opening above this relay RSS (default: ½ MemAvailable, ≤ 8 GiB)",
+    )
     return p
 
 
@@ -712,7 +1087,23 @@ def main(argv: list[str] | None = None) -> int:
             if not (1 <= a.pairs <= 500 and 0 < a.duration <= 120 and 0 <= a.warmup <= 60):
                 print("loadgen: pairs 1..500, duration ≤ 120 s, warm-up ≤ 60 s", file=sys.stderr)
                 return 2
-            res = run_throughput(ep, a.pairs, a.size, a.warmup, a.duration, a.server_pid)
+            if not 0 <= a.window <= 100_000:
+                print("loadgen: --window 0..100000", file=sys.stderr)
+                return 2
+            res = run_throughput(ep, a.pairs, a.size, a.warmup, a.duration, a.server_pid, window=a.window)
+        elif a.mode == "handshakes":
+            if not (1 <= a.parallel <= 64 and 0 < a.duration <= 120 and 0 <= a.warmup <= 60):
+                print("loadgen: parallel 1..64, duration ≤ 120 s, warm-up ≤ 60 s", file=sys.stderr)
+                return 2
+            res = run_handshakes(ep, a.duration, a.parallel, a.server_pid, a.warmup)
+        elif a.mode == "idle":
+            if not (1 <= a.clients <= 50_000 and 1 <= a.parallel <= 64 and 0 <= a.hold <= 60):
+                print("loadgen: clients 1..50000, parallel 1..64, hold ≤ 60 s", file=sys.stderr)
+                return 2
+            if not a.server_pid:
+                print("loadgen: idle needs --server-pid (to read the relay's RSS)", file=sys.stderr)
+                return 2
+            res = run_idle(ep, a.clients, a.server_pid, a.parallel, a.hold, max_rss_mib=a.max_rss_mib)
         else:
             if not 1 <= a.count <= 1_000_000:
                 print("loadgen: --count must be 1..1000000", file=sys.stderr)

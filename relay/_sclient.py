@@ -56,6 +56,8 @@ __all__ = ["ClientConn"]
 log = logging.getLogger(__name__)
 
 READ_BUFFER_SIZE: Final = 256 << 10
+SMALL_READ_BUFFER_SIZE: Final = 16 << 10
+_MIN_READ: Final = 4 << 10  # compact a small buffer when less room than this is left
 _READ_CHUNK: Final = 64 << 10
 # Keep room for one maximal frame after the unparsed tail before reading again.
 _MAX_HANDLED_FRAME: Final = FRAME_HEADER_LEN + 2 * KEY_LEN + MAX_PACKET_SIZE
@@ -75,8 +77,12 @@ _T_SEND: Final = FrameType.SEND_PACKET.value
 _T_RECV: Final = FrameType.RECV_PACKET.value
 
 
-class _ConnectionDone(Exception):
-    pass
+def _pending_frame_len(buf: bytearray, start: int, end: int) -> int:
+    """Total length of the incomplete frame at ``start`` (5 until its header is complete)."""
+    if end - start < FRAME_HEADER_LEN:
+        return FRAME_HEADER_LEN
+    length: int = _LEN.unpack_from(buf, start + 1)[0]
+    return FRAME_HEADER_LEN + length
 
 
 class ClientConn:
@@ -214,12 +220,17 @@ class ClientConn:
     # -- reader ----------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        buf = bytearray(READ_BUFFER_SIZE)
+        # An idle or chatty client gets a small buffer; one that streams (a read fills the whole
+        # window) or sends a frame larger than it gets the big one, for batching. This keeps an
+        # idle connection cheap (derper: ~36 KiB each) without slowing bulk transfers.
+        buf = bytearray(max(SMALL_READ_BUFFER_SIZE, len(self._initial)))
         mv = memoryview(buf)
+        big = len(buf) >= READ_BUFFER_SIZE
         end = len(self._initial)
         buf[:end] = self._initial
         self._initial = b""
         start = 0
+        filled = False
         active = self.table.active
         server = self.server
         exempt = self.is_mesh_peer
@@ -230,14 +241,23 @@ class ClientConn:
                 start = self._process(buf, mv, start, end)
             if start == end:
                 start = end = 0
-            elif READ_BUFFER_SIZE - end < _MAX_HANDLED_FRAME:
+            need = 0 if start == end else _pending_frame_len(buf, start, end)
+            if not big and (filled or need > len(buf)):
+                grown = bytearray(READ_BUFFER_SIZE)
+                grown[: end - start] = mv[start:end]
+                buf, mv, big = grown, memoryview(grown), True
+                end -= start
+                start = 0
+            elif start and len(buf) - start < (_MAX_HANDLED_FRAME if big else max(need, _MIN_READ)):
                 buf[: end - start] = mv[start:end]
                 end -= start
                 start = 0
-            n = await self.transport.receive_into(mv[end : min(READ_BUFFER_SIZE, end + _READ_CHUNK)])
+            window = mv[end : min(len(buf), end + _READ_CHUNK)]
+            n = await self.transport.receive_into(window)
             if n == 0:
                 self.close_reason = self.close_reason or "eof"
                 return
+            filled = n == len(window)
             # -rate-config: charge this read before handling it (one check per read when off).
             if server.rate_limits is not None and not exempt:
                 await self._rate_limit_wait(n)

@@ -384,6 +384,8 @@ class RelayServer:
                     return
                 continue
             trailing, _closed = conn.trailing_data
+            # The connection may live for days from here: drop the HTTP parser and its buffer.
+            del conn, buf, mv
             if isinstance(decision, WebSocketUpgrade):
                 self.stats.http_requests[("derp_websocket", 101)] += 1
                 self.stats.websocket_accepts += 1
@@ -479,6 +481,7 @@ class RelayServer:
                     raise HandshakeError("eof_before_client_info", "connection closed before ClientInfo")
                 decoder.feed(memoryview(buf)[:n])
             frame_type, payload = item
+            del buf  # keep only the per-client reader's buffer alive during the session
             if frame_type != FrameType.CLIENT_INFO:
                 raise HandshakeError("expected_client_info", f"first frame is type {frame_type:#04x}")
             if len(payload) < CLIENT_INFO_MIN_LEN:
