@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from relayproc import RelayProcess
+from relayproc import RelayProcess, free_ports
 
 from natlib.keys import NodePrivateKey
 from relay._config import build_flagset
@@ -574,17 +573,6 @@ def test_k8s_region_shape() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.mark.slow
 async def test_k8s_command_line_forms_a_tls_mesh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three relay processes run the StatefulSet's arguments, as Kubernetes expands them for pods
@@ -596,7 +584,7 @@ async def test_k8s_command_line_forms_a_tls_mesh(tmp_path: Path, monkeypatch: py
     (sts,) = _by_kind(docs, "StatefulSet")
     (container,) = sts["spec"]["template"]["spec"]["containers"]
     name, replicas = sts["metadata"]["name"], sts["spec"]["replicas"]
-    ports, metrics_ports = _free_ports(replicas), _free_ports(replicas)
+    ports, metrics_ports = free_ports(replicas), free_ports(replicas)
 
     ca = trustme.CA()
     ca_file = tmp_path / "ca.pem"

@@ -22,7 +22,7 @@ import trio
 from derppeer import Peer, RelayHandle
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from relayproc import relay_process
+from relayproc import free_ports, relay_process
 
 from natlib.derp import ClientInfo, RecvPacket
 from natlib.keys import NodePrivateKey, NodePublicKey
@@ -436,17 +436,11 @@ def test_bad_allow_file_is_a_startup_error(tmp_path: Path, capsys: pytest.Captur
     assert err == f"meshrelay: -allow-file {bad}:1: {why}\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_sighup_reloads_the_allow_file(tmp_path: Path) -> None:
     a, b = NodePrivateKey.generate(), NodePrivateKey.generate()
     f = tmp_path / "allow.toml"
     f.write_text(f'[[node]]\nname = "a"\nnode_key = "{a.public.text()}"\n')
-    port = _free_port()
+    port = free_ports()[0]
     args = ["-a", f"127.0.0.1:{port}", "-c", str(tmp_path / "k"), "-stun=false", "-metrics-addr=off"]
     async with relay_process(*args, "-allow-file", str(f)) as proc:
         line = await proc.wait_for("server key nodekey:")

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 import trio
-from relayproc import RelayProcess
+from relayproc import RelayProcess, free_ports
 
 from natlib.derp import PeerGone, PeerGoneReason, RecvPacket
 from natlib.derphttp import DerpClient, connect
@@ -31,17 +30,6 @@ def test_parse_mesh_with() -> None:
     ]
     with pytest.raises(ValueError, match="bad -mesh-with entry"):
         parse_mesh_with("host:notaport", 443)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 async def _metric(port: int, series: str) -> float:
@@ -75,7 +63,7 @@ async def _deliver(sender: DerpClient, receiver: DerpClient, tag: bytes, timeout
 
 
 async def test_three_relay_processes_mesh_forward_and_recover(tmp_path: Path) -> None:
-    ports, metrics_ports = _free_ports(3), _free_ports(3)
+    ports, metrics_ports = free_ports(3), free_ports(3)
     psk = tmp_path / "mesh.key"
     psk.write_text(os.urandom(32).hex() + "\n")
     mesh_with = ",".join(f"127.0.0.1:{p}" for p in ports)  # includes each node itself

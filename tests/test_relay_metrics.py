@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import trio
 from derppeer import Peer, RelayHandle
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
-from relayproc import relay_process
+from relayproc import free_ports, relay_process
 
 from natlib import stun
 from natlib.derp import PeerGone, PeerGoneReason, RecvPacket
@@ -379,12 +378,6 @@ async def test_meshrelay_command_serves_metrics(tmp_path: Path) -> None:
 # -- a real Prometheus server ----------------------------------------------------------------------
 
 
-def _free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _promql(port: int, query: str) -> list[dict[str, object]] | None:
     """The result vector of an instant query, or None while Prometheus is not answering yet."""
     import json
@@ -429,7 +422,7 @@ async def test_real_prometheus_scrapes_live_relay(
         "    static_configs:\n"
         f"      - targets: ['127.0.0.1:{metrics.port}']\n"
     )
-    web_port = _free_tcp_port()
+    web_port = free_ports()[0]
     log_path = tmp_path / "prometheus.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(

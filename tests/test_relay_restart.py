@@ -8,23 +8,16 @@ property and printed), which is the number the operators' docs quote.
 from __future__ import annotations
 
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import trio
-from relayproc import RelayProcess
+from relayproc import RelayProcess, free_ports
 
 from natlib.derp import RecvPacket
 from natlib.derphttp import PersistentClient
 from natlib.keys import NodePrivateKey
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _until(pred: object, timeout: float) -> None:
@@ -35,7 +28,7 @@ async def _until(pred: object, timeout: float) -> None:
 
 
 async def test_graceful_restart_under_traffic(tmp_path: Path, record_property: pytest.RecordProperty) -> None:
-    port = _free_port()
+    port = free_ports()[0]
     args = [
         "-a",
         f"127.0.0.1:{port}",

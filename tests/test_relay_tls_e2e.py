@@ -5,26 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import ssl
 from pathlib import Path
 
 import trio
-from relayproc import relay_process
+from relayproc import free_ports, relay_process
 
 from natlib.derp import RecvPacket
 from natlib.derphttp import connect
 from natlib.keys import NodePrivateKey
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_manual_cert_ip_relay_end_to_end(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_ports()[0]
     certdir = tmp_path / "certs"
     argv = [
         "-a",
