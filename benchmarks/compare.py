@@ -31,7 +31,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,9 +46,12 @@ from benchmarks.run import (
     ROOT,
     Progress,
     Relay,
+    failure_text,
     git_info,
+    invoke_loadgen,
     machine,
     relay_base_cmd,
+    run_failed,
     versions,
 )
 
@@ -145,16 +147,6 @@ def stat(vals: list[float]) -> dict[str, float] | None:
     }
 
 
-def run_failed(r: dict[str, Any]) -> bool:
-    return bool(
-        r.get("error")
-        or r.get("bad_frames")
-        or r.get("connection_errors")
-        or r.get("relay_crashed")
-        or r.get("stopped_at_rss_cap")
-    )
-
-
 def summarize(sc: Scenario) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for rel in RELAYS:
@@ -247,8 +239,6 @@ def run_loadgen(sc: Scenario, relay: Relay, a: argparse.Namespace) -> dict[str, 
     else:
         cmd += ["--clients", str(sc.clients), "--hold", str(a.idle_hold)]
         limit = 90 + sc.clients * 0.02
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     pre = None
     if a.loadgen_cpus:
         cpus = a.loadgen_cpus
@@ -256,19 +246,7 @@ def run_loadgen(sc: Scenario, relay: Relay, a: argparse.Namespace) -> dict[str, 
         def pre() -> None:
             os.sched_setaffinity(0, cpus)
 
-    try:
-        p = subprocess.run(
-            cmd, capture_output=True, cwd=ROOT, env=env, timeout=limit, check=False, preexec_fn=pre
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"load generator timed out after {limit:.0f} s"}
-    out = p.stdout.decode(errors="replace").strip().splitlines()
-    try:
-        res: dict[str, Any] = json.loads(out[-1])
-    except (IndexError, ValueError):
-        err = p.stderr.decode(errors="replace").strip()[-2000:]
-        return {"error": f"load generator exited {p.returncode} without a result: {err}"}
-    return res
+    return invoke_loadgen(cmd, limit, pre)
 
 
 def one_line(r: dict[str, Any]) -> str:
@@ -304,21 +282,6 @@ def one_line(r: dict[str, Any]) -> str:
     if r.get("connection_errors"):
         s += f"  CONN-ERR {len(r['connection_errors'])}"
     return s
-
-
-def failure_text(r: dict[str, Any]) -> str:
-    parts = []
-    if r.get("error"):
-        parts.append(r["error"])
-    if r.get("bad_frames"):
-        parts.append(f"{r['bad_frames']} bad frames: {'; '.join(r.get('bad_frame_examples', [])[:3])}")
-    if r.get("connection_errors"):
-        parts.append(f"connection errors: {'; '.join(r['connection_errors'][:3])}")
-    if r.get("relay_crashed"):
-        parts.append("relay crashed")
-    if r.get("stopped_at_rss_cap"):
-        parts.append(f"stopped at the RSS cap ({r.get('rss_cap_mib')} MiB) after {r.get('clients')} clients")
-    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,10 +277,19 @@ def run_loadgen(sc: Scenario, relay: Relay, a: argparse.Namespace) -> dict[str, 
     else:
         cmd += ["--count", str(a.rtt_count), "--warmup-count", str(a.rtt_warmup)]
         limit = 90 + a.rtt_count * 0.005
+    return invoke_loadgen(cmd, limit)
+
+
+def invoke_loadgen(
+    cmd: list[str], limit: float, preexec_fn: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Run one load generator process (``--json``) and return its result, or ``{"error": ...}``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        p = subprocess.run(cmd, capture_output=True, cwd=ROOT, env=env, timeout=limit, check=False)
+        p = subprocess.run(
+            cmd, capture_output=True, cwd=ROOT, env=env, timeout=limit, check=False, preexec_fn=preexec_fn
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"load generator timed out after {limit:.0f} s"}
     out = p.stdout.decode(errors="replace").strip().splitlines()
@@ -293,7 +302,13 @@ def run_loadgen(sc: Scenario, relay: Relay, a: argparse.Namespace) -> dict[str, 
 
 
 def run_failed(r: dict[str, Any]) -> bool:
-    return bool(r.get("error") or r.get("bad_frames") or r.get("connection_errors") or r.get("relay_crashed"))
+    return bool(
+        r.get("error")
+        or r.get("bad_frames")
+        or r.get("connection_errors")
+        or r.get("relay_crashed")
+        or r.get("stopped_at_rss_cap")
+    )
 
 
 def summarize(sc: Scenario) -> dict[str, Any]:
@@ -683,6 +698,8 @@ def failure_text(r: dict[str, Any]) -> str:
         parts.append(f"connection errors: {'; '.join(r['connection_errors'][:3])}")
     if r.get("relay_crashed"):
         parts.append("relay crashed")
+    if r.get("stopped_at_rss_cap"):
+        parts.append(f"stopped at the RSS cap ({r.get('rss_cap_mib')} MiB) after {r.get('clients')} clients")
     return ", ".join(parts)
 
 
