@@ -1128,7 +1128,9 @@ class PersistentClient:
                 self.restarts_honoured += 1
                 log.info(
                     "relay %s is restarting: reconnecting in %d ms, trying for %d ms",
-                    self.url, hint.reconnect_in_ms, hint.try_for_ms,
+                    self.url,
+                    hint.reconnect_in_ms,
+                    hint.try_for_ms,
                 )
                 await anyio.sleep(hint.reconnect_in_ms / 1000)
                 retry_until = anyio.current_time() + hint.try_for_ms / 1000

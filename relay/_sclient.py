@@ -11,6 +11,11 @@ The writer owns the transport's send side. It wakes when anything is queued, dra
 pending into one buffer, and writes it with one ``send_all`` under the write timeout (2 s by
 default, 30 s for mesh peers). A timeout or write error closes the connection.
 
+A run of packets for a client of a *sibling worker* (``-workers``, see ``_workers``) is rewritten
+the same way and handed to the link to that worker as one private SiblingRun frame (destination,
+source, counts, then the RecvPacket frames as they will be written), so the hop between workers
+costs one copy per run, not per packet; the sibling enqueues the frames as they are.
+
 Cancellation: :meth:`ClientConn.run` returns when either task ends; the other is cancelled, the
 connection is unregistered (peers and watchers hear PeerGone) and queued packets are counted as
 ``gone_disconnected``.
@@ -44,11 +49,13 @@ from natlib.derp import (
     TokenBucket,
 )
 
+from ._mesh import SIBLING_RUN, SIBLING_RUN_HEADER_LEN, SIBLING_RUN_MAX_LEN
 from ._queue import PacketQueue, QueueEntry
 from ._ratelimit import ByteBucket
 from ._transport import Transport
 
 if TYPE_CHECKING:
+    from ._mesh import MeshPeer
     from ._server import RelayServer
 
 __all__ = ["ClientConn"]
@@ -75,6 +82,19 @@ _DISCO_MIN_SEND_LEN: Final = KEY_LEN + _DISCO_MIN  # a SendPacket frame length t
 _KEEPALIVE_FRAME: Final = KeepAlive().encode()
 _T_SEND: Final = FrameType.SEND_PACKET.value
 _T_RECV: Final = FrameType.RECV_PACKET.value
+
+
+class _SiblingRunTarget:
+    """A run's destination on a sibling worker: looks like a connection to :meth:`ClientConn._flush_run`."""
+
+    __slots__ = ("dst", "peer")
+
+    def __init__(self, peer: MeshPeer, dst: bytes) -> None:
+        self.peer = peer
+        self.dst = dst
+
+    def enqueue(self, entry: QueueEntry, disco: bool) -> None:
+        self.peer.forward_run(self.dst, entry)
 
 
 def _pending_frame_len(buf: bytearray, start: int, end: int) -> int:
@@ -119,9 +139,12 @@ class ClientConn:
         self._control: list[bytes] = []
         self._pending_pong: bytes | None = None
         self._wake = trio.Event()
+        self._writer_idle = False  # the writer waits for work: enqueue may write directly
+        self._unfinished: tuple[QueueEntry, bool] | None = None  # written in part by enqueue
         self._not_here_bucket = TokenBucket(NOT_HERE_RATE, NOT_HERE_BURST, trio.current_time())
         self._discard = 0  # bytes of an ignored frame still to skip
         self._rate_bucket: ByteBucket | None = None  # created at the first rate-limited read
+        self._fed_sibling: MeshPeer | None = None  # the sibling link the last read's runs went to
         self._cancel = trio.CancelScope()
         self.write_timeout = MESH_WRITE_TIMEOUT if is_mesh_peer else server.write_timeout
         self.close_reason = ""
@@ -145,6 +168,19 @@ class ClientConn:
     def enqueue(self, entry: QueueEntry, disco: bool) -> None:
         if self.closing:
             self.stats.drop("gone_disconnected", disco, entry.packets, entry.payload_bytes)
+            return
+        if self._writer_idle and not self._has_pending() and self.transport.send_nowait(entry.frames):
+            # Fast path: the writer has nothing to do, so write from here and save a task switch
+            # per packet (the latency of an interactive exchange). Backlog goes to the writer.
+            if entry.src not in self.received_from:
+                self.table.note_delivered(self, entry.src)
+            self.stats.note_queue_delay(0.0)
+            if self.transport.has_backlog:  # the writer finishes it, then counts it sent or dropped
+                self._unfinished = (entry, disco)
+                self._wake.set()
+            else:
+                self.stats.packets_sent += entry.packets
+                self.stats.bytes_sent += entry.payload_bytes
             return
         q = self._disco_queue if disco else self._send_queue
         for old in q.put(entry):
@@ -239,6 +275,13 @@ class ClientConn:
                 if active.get(self.key) is not self:
                     self.table.note_activity(self)
                 start = self._process(buf, mv, start, end)
+            fed = self._fed_sibling
+            if fed is not None:
+                # This client's packets go to a sibling worker that is behind: read no more until
+                # that link drains (clients of this worker only are unaffected).
+                self._fed_sibling = None
+                if not fed.drained.is_set():
+                    await fed.drained.wait()
             if start == end:
                 start = end = 0
             need = 0 if start == end else _pending_frame_len(buf, start, end)
@@ -306,7 +349,7 @@ class ClientConn:
         # start with the same 37 bytes (header + destination key), so one startswith() checks
         # type, length and destination of the next frame at once; the run is handed over with
         # one copy.
-        run_conn: ClientConn | None = None
+        run_conn: ClientConn | _SiblingRunTarget | None = None
         run_prefix = b""
         run_flen = 0
         run_maybe_disco = False
@@ -338,7 +381,11 @@ class ClientConn:
                     pos = fend
                     continue
                 dst = bytes(mv[pos + 5 : pos + 37])
-                conn = active.get(dst)
+                conn: ClientConn | _SiblingRunTarget | None = active.get(dst)
+                if conn is None:
+                    sibling = self.table.sibling_forwarder_for(dst)
+                    if sibling is not None:
+                        conn = _SiblingRunTarget(sibling, dst)
                 if conn is None:
                     stats.packets_received += 1
                     stats.bytes_received += n - 32
@@ -364,9 +411,13 @@ class ClientConn:
             self._flush_run(run_conn, mv, run_start, run_end, run_count)
         return pos
 
-    def _flush_run(self, conn: ClientConn, mv: memoryview, start: int, end: int, count: int) -> None:
+    def _flush_run(
+        self, conn: ClientConn | _SiblingRunTarget, mv: memoryview, start: int, end: int, count: int
+    ) -> None:
         """Hand a run of rewritten frames to ``conn``'s queue with one copy, and count it."""
         payload = end - start - count * (FRAME_HEADER_LEN + KEY_LEN)
+        if type(conn) is _SiblingRunTarget:
+            self._fed_sibling = conn.peer
         stats = self.stats
         stats.packets_received += count
         stats.bytes_received += payload
@@ -415,6 +466,12 @@ class ClientConn:
             if self._pending_pong is None:  # one pending Pong; later Pings are ignored
                 self._pending_pong = bytes(mv[body : body + 8])
                 self._wake.set()
+        elif t == SIBLING_RUN and self in self.table.sibling_links:
+            if not SIBLING_RUN_HEADER_LEN <= n <= SIBLING_RUN_MAX_LEN:
+                raise FrameError("bad_sibling_run_len", f"SiblingRun of {n} bytes")
+            if end < body + n:
+                return 0
+            self.server.receive_sibling_run(mv[body : body + n])
         elif t in (FrameType.WATCH_CONNS, FrameType.CLOSE_PEER, FrameType.FORWARD_PACKET):
             if not self.is_mesh_peer:
                 raise ProtocolError("insufficient_permissions", f"mesh frame {t:#04x} from a non-mesh client")
@@ -430,7 +487,7 @@ class ClientConn:
                     raise FrameError("bad_close_peer_len", f"ClosePeer of {n} bytes")
                 if end < body + n:
                     return 0
-                self.server.close_peer(bytes(mv[body : body + KEY_LEN]))
+                self.server.close_peer(bytes(mv[body : body + KEY_LEN]), self)
             else:
                 if n < 2 * KEY_LEN or n > 2 * KEY_LEN + MAX_PACKET_SIZE:
                     raise FrameError("bad_forward_packet_len", f"ForwardPacket of {n} bytes")
@@ -473,9 +530,13 @@ class ClientConn:
         transport = self.transport
         stats = self.stats
         while True:
-            if not self._has_pending():
-                with trio.move_on_at(next_keepalive):
-                    await self._wake.wait()
+            if not self._has_pending() and not transport.has_backlog:
+                self._writer_idle = True
+                try:
+                    with trio.move_on_at(next_keepalive):
+                        await self._wake.wait()
+                finally:
+                    self._writer_idle = False
             self._wake = trio.Event()
             parts: list[bytes] = []
             now = trio.current_time()
@@ -500,9 +561,14 @@ class ClientConn:
                 if e.src not in self.received_from:
                     self.table.note_delivered(self, e.src)
                 stats.note_queue_delay(now - e.enqueued_at)
-            if not parts:
+            # A packet enqueue wrote in part: its tail (the transport's backlog) goes out first.
+            unfinished, self._unfinished = self._unfinished, None
+            if unfinished is not None:
+                packets += unfinished[0].packets
+                nbytes += unfinished[0].payload_bytes
+            if not parts and not transport.has_backlog:
                 continue
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            data = b"".join(parts) if len(parts) != 1 else parts[0]
             ok = False
             try:
                 if self.write_timeout > 0:
@@ -517,6 +583,9 @@ class ClientConn:
                 ok = True
             finally:
                 if not ok:
+                    if unfinished is not None:
+                        e, disco = unfinished
+                        stats.drop("write_error", disco, e.packets, e.payload_bytes)
                     for i, e in enumerate(entries):
                         stats.drop("write_error", i < n_disco, e.packets, e.payload_bytes)
             stats.packets_sent += packets

@@ -90,6 +90,21 @@ class Transport(Protocol):
         """Send all of ``data`` (returns once it is handed to the kernel)."""
         ...
 
+    def send_nowait(self, data: bytes) -> bool:
+        """Hand ``data`` to the kernel now, without waiting, if no send is in progress.
+
+        Returns False (nothing written) when a send is in progress or the transport cannot do
+        this; the caller then queues ``data`` for its writer task. On True, what the kernel did
+        not take at once is kept and goes out, in order, first on the next :meth:`send_all`,
+        which the caller must then make (see :attr:`has_backlog`).
+        """
+        ...
+
+    @property
+    def has_backlog(self) -> bool:
+        """Bytes accepted by :meth:`send_nowait` still wait for :meth:`send_all`."""
+        ...
+
     async def aclose(self) -> None:
         """Close the connection. Never hangs; idempotent."""
         ...
@@ -144,10 +159,30 @@ class SocketTransport:
         self._sock = sock
         self.peer_address = peer_address if peer_address is not None else _peer_of(sock)
         self._closed = False
+        self._fd = sock.fileno()
+        self._sending = False  # a send_all is in progress (it may be waiting for the socket)
+        self._backlog: bytes | memoryview = b""  # what send_nowait could not write at once
 
     @property
     def socket(self) -> trio.socket.SocketType:
         return self._sock
+
+    @property
+    def has_backlog(self) -> bool:
+        return bool(self._backlog)
+
+    def send_nowait(self, data: bytes) -> bool:
+        if self._sending or self._backlog or self._closed:
+            return False
+        try:
+            n = os.write(self._fd, data)  # trio's sockets are non-blocking
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            return False  # the writer's send_all meets the error again and reports it
+        if n < len(data):
+            self._backlog = memoryview(data)[n:]
+        return True
 
     async def receive_into(self, buf: memoryview) -> int:
         _checked_buffer(buf)
@@ -160,11 +195,15 @@ class SocketTransport:
 
     async def send_all(self, data: Buffer) -> None:
         sock = self._sock
+        if self._backlog:
+            data = b"".join((self._backlog, data))
+            self._backlog = b""
         total = len(data)
+        if total == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        self._sending = True
         try:
-            if total == 0:
-                await trio.lowlevel.checkpoint()
-                return
             sent = await sock.send(data)
             if sent < total:
                 view = memoryview(data).cast("B")
@@ -174,6 +213,8 @@ class SocketTransport:
             if self._closed or e.errno == errno.EBADF:
                 raise trio.ClosedResourceError("transport is closed") from None
             raise TransportClosed(f"send failed: {e}") from e
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
         self._closed = True
@@ -212,6 +253,7 @@ class TLSTransport:
         self._send_waiters = trio.lowlevel.ParkingLot()
         self._send_broken = False  # a drain failed or was cancelled part-way
         self._closed = False
+        self._backlog: bytes | memoryview = b""  # ciphertext send_nowait could not write at once
         self.tls_version: str | None = None
 
     @property
@@ -221,6 +263,29 @@ class TLSTransport:
     @property
     def ssl_object(self) -> ssl.SSLObject:
         return self._obj
+
+    @property
+    def has_backlog(self) -> bool:
+        return bool(self._backlog)
+
+    def send_nowait(self, data: bytes) -> bool:
+        if self._sending or self._backlog or self._send_broken or self._closed or not self._handshake_done:
+            return False
+        outgoing = self._outgoing
+        try:
+            self._obj.write(data)
+        except ssl.SSLError:
+            return False  # the writer's send_all meets the error again and reports it
+        records = outgoing.read()
+        try:
+            n = os.write(self._sock.fileno(), records)  # trio's sockets are non-blocking
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            n = 0  # already encrypted: keep it in order; the writer's send meets the error
+        if n < len(records):
+            self._backlog = memoryview(records)[n:]
+        return True
 
     # -- socket helpers ------------------------------------------------------------------------
 
@@ -252,15 +317,19 @@ class TLSTransport:
         if self._send_broken:
             raise TransportClosed("an earlier send was interrupted; the TLS stream is unusable")
         outgoing = self._outgoing
-        if not outgoing.pending:
+        if not outgoing.pending and not self._backlog:
             await trio.lowlevel.checkpoint()
             return
         sock = self._sock
         self._sending = True
         ok = False
         try:
-            while outgoing.pending:
-                data = outgoing.read()
+            while outgoing.pending or self._backlog:
+                if self._backlog:
+                    data = b"".join((self._backlog, outgoing.read()))
+                    self._backlog = b""
+                else:
+                    data = outgoing.read()
                 total = len(data)
                 sent = await sock.send(data)
                 if sent < total:

@@ -60,6 +60,13 @@ class WebSocketTransport:
     def tls_version(self) -> str | None:
         return self.inner.tls_version
 
+    @property
+    def has_backlog(self) -> bool:
+        return False
+
+    def send_nowait(self, data: bytes) -> bool:
+        return False  # framing and the send lock make the writer task the only sender
+
     async def _send_raw(self, data: bytes) -> None:
         async with self._send_lock:
             await self.inner.send_all(data)

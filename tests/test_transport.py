@@ -461,3 +461,42 @@ async def test_configure_accepted_socket_sets_derper_options() -> None:
             assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 600
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 15000
+
+
+# -- send_nowait: the writer-idle fast path ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_send_nowait_keeps_order_when_the_kernel_takes_only_part(
+    pair: Pair, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, tls: bool
+) -> None:
+    """A peer that does not read fills the socket buffer: send_nowait then keeps the tail, refuses
+    more until send_all has sent that tail, and the peer gets every byte in order."""
+    pair.server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server: Transport
+    if tls:
+        server, client = await tls_pair(pair, server_ctx, client_ctx)
+        receive: Callable[[], Awaitable[bytes | bytearray]] = client.receive_some
+    else:
+        server = SocketTransport(pair.server_sock)
+        receive = pair.client.receive_some
+    first, second, third = payload(4000, 1), payload(1 << 20, 2), payload(5000, 3)
+    assert server.send_nowait(first)
+    assert server.send_nowait(second)  # far more than the socket buffers: a backlog remains
+    assert server.has_backlog
+    assert not server.send_nowait(third)  # refused, nothing written: the caller queues it
+    got: list[bytes] = []
+    total = len(first) + len(second) + len(third)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as n:
+
+            async def read_all() -> None:
+                got.append(await receive_exactly(receive, total))
+
+            n.start_soon(read_all)
+            await server.send_all(third)
+    assert not server.has_backlog
+    assert got[0] == first + second + third
+    assert server.send_nowait(b"after")  # idle again: the fast path is open
+    with trio.fail_after(DEADLINE):
+        assert await receive_exactly(receive, 5) == b"after"

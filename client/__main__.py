@@ -1,0 +1,5 @@
+"""``python -m client``: the same as the ``meshnode`` command."""
+
+from .cli import main
+
+raise SystemExit(main())
