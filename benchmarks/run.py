@@ -127,12 +127,14 @@ def free_port() -> int:
 def relay_base_cmd(override: str | None) -> list[str]:
     if override:
         return override.split()
+    # One process (-workers=1): the CPU and RSS read from --server-pid then cover the whole relay.
+    # benchmarks.workers appends its own -workers N (the last one given wins, as in Go).
     if importlib.util.find_spec("relay.__main__") is not None:
-        return [sys.executable, "-m", "relay"]
+        return [sys.executable, "-m", "relay", "-workers=1"]
     exe = shutil.which("meshrelay")
     if exe is None:
         raise SystemExit("cannot find the relay: no relay/__main__.py and no meshrelay on PATH")
-    return [exe]
+    return [exe, "-workers=1"]
 
 
 class Relay:

@@ -534,6 +534,15 @@ class DerpClient:
         self._raise_if_closed()
         await self._write(self._conn.close_peer(key))
 
+    async def send_encoded_frames(self, frames: bytes) -> None:
+        """Write frames that are already encoded (whole DERP frames, back to back), in one write.
+
+        For relays that batch their own frames on a link (natlib checks nothing here: a partial or
+        malformed frame makes the relay close the connection). Cancellation as for :meth:`send`.
+        """
+        self._raise_if_closed()
+        await self._write(frames)
+
     async def _write(self, frame: bytes) -> None:
         async with self._write_lock:  # a cancellation point while the lock is busy
             self._raise_if_closed()

@@ -98,6 +98,7 @@ class Flag:
     parse: Callable[[str], Any]
     is_bool: bool = False
     show_default: str | None = None
+    hidden: bool = False  # accepted but left out of the usage (internal flags)
 
 
 class FlagSet:
@@ -107,20 +108,20 @@ class FlagSet:
         self.program = program
         self.flags: dict[str, Flag] = {}
 
-    def add_bool(self, name: str, default: bool, help: str) -> None:
-        self.flags[name] = Flag(name, default, help, parse_go_bool, is_bool=True)
+    def add_bool(self, name: str, default: bool, help: str, *, hidden: bool = False) -> None:
+        self.flags[name] = Flag(name, default, help, parse_go_bool, is_bool=True, hidden=hidden)
 
     def add_string(self, name: str, default: str, help: str) -> None:
         self.flags[name] = Flag(name, default, help, str)
 
-    def add_int(self, name: str, default: int, help: str) -> None:
+    def add_int(self, name: str, default: int, help: str, *, show_default: str | None = None) -> None:
         def parse(v: str) -> int:
             try:
                 return int(v, 0)
             except ValueError:
                 raise ValueError("parse error") from None
 
-        self.flags[name] = Flag(name, default, help, parse)
+        self.flags[name] = Flag(name, default, help, parse, show_default=show_default)
 
     def add_float(self, name: str, default: float, help: str) -> None:
         def parse(v: str) -> float:
@@ -179,6 +180,8 @@ class FlagSet:
         lines = [f"Usage of {self.program}:"]
         for name in sorted(self.flags):
             f = self.flags[name]
+            if f.hidden:
+                continue
             kind = (
                 ""
                 if f.is_bool

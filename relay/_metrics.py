@@ -26,7 +26,8 @@ from __future__ import annotations
 import errno
 import gzip
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qs
 
@@ -45,6 +46,7 @@ from prometheus_client.metrics_core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__
 from ._stats import RelayStats
@@ -52,10 +54,19 @@ from ._stun_server import StunStats
 from ._ws import WebSocketTransport
 
 if TYPE_CHECKING:
+    from ._mesh import WorkerLinkStats
     from ._server import RelayServer
     from ._state import RoutingTable
 
-__all__ = ["DEFAULT_METRICS_PORT", "PREFIX", "RelayCollector", "build_registry", "render", "serve_metrics"]
+__all__ = [
+    "DEFAULT_METRICS_PORT",
+    "PREFIX",
+    "RelayCollector",
+    "WorkerMetricsMerger",
+    "build_registry",
+    "render",
+    "serve_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +121,17 @@ class RelayCollector:
     then 0.
     """
 
-    def __init__(self, stats: RelayStats, stun: StunStats | None = None, table: RoutingTable | None = None):
+    def __init__(
+        self,
+        stats: RelayStats,
+        stun: StunStats | None = None,
+        table: RoutingTable | None = None,
+        links: WorkerLinkStats | None = None,
+    ):
         self.stats = stats
         self.stun = stun
         self.table = table
+        self.links = links  # set in a worker of a -workers group
 
     def describe(self) -> list[Metric]:
         # The families are the same at every scrape: describe them by collecting once, so the
@@ -309,9 +327,26 @@ class RelayCollector:
             [([f], n) for f, n in st.by_family().items()],
         )
 
+        if self.links is not None:
+            yield from self._worker_link_metrics(self.links)
+
         info = InfoMetricFamily(PREFIX + "build", "meshrelay version (value always 1).")
         info.add_metric([], {"version": __version__})
         yield info
+
+    def _worker_link_metrics(self, links: WorkerLinkStats) -> Iterator[Metric]:
+        yield _gauge(
+            "worker_links_up",
+            "Links up between sibling workers of this relay (-workers N: N*(N-1) when all are up).",
+            links.links_up,
+        )
+        yield _labelled_counter(
+            "worker_forwarded_packets",
+            "Packets handed between sibling workers over their loopback links: out = to a sibling, "
+            "in = received from one.",
+            ["direction"],
+            [(["in"], links.forwarded_in), (["out"], links.forwarded_out)],
+        )
 
     def _connection_gauges(self) -> Iterator[Metric]:
         s = self.stats
@@ -320,7 +355,11 @@ class RelayCollector:
         table = self.table
         if table is not None:
             local = len(table.sets)
-            remote = sum(1 for k in table.forwarders if k not in table.sets)
+            # Keys only at other relays of the region (a sibling worker's clients are local to
+            # this relay; sibling forwarders come first in each list).
+            remote = sum(
+                1 for k, p in table.forwarders.items() if k not in table.sets and not p[0].is_sibling
+            )
             for cs in table.sets.values():
                 for c in cs.conns:
                     if c.not_ideal:
@@ -373,11 +412,131 @@ class RelayCollector:
 def build_registry(server: RelayServer, stun: StunStats | None = None) -> CollectorRegistry:
     """A dedicated registry: the relay's collector plus process, platform and GC collectors."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(RelayCollector(server.stats, stun, server.table))
+    links = server.worker_links if server.sibling_secret is not None else None
+    registry.register(RelayCollector(server.stats, stun, server.table, links))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
+
+
+# -- one picture of a -workers group -------------------------------------------------------------
+
+_SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]  # (family, sample name, labels)
+
+# How a gauge of several workers becomes the group's value (default: the sum). Counters are summed.
+_GAUGE_MAX: Final = frozenset(
+    {
+        PREFIX + "rate_limit_bytes_per_second",  # configuration: the same in every worker
+        PREFIX + "rate_limit_burst_bytes",
+        PREFIX + "build_info",
+        "python_info",
+        "process_max_fds",
+    }
+)
+# Every worker dials every other relay: the worst worker is the group's mesh connectivity.
+_GAUGE_MIN: Final = frozenset({PREFIX + "mesh_peers_up", "process_start_time_seconds"})
+_GAUGE_MEAN: Final = frozenset({PREFIX + "average_queue_duration_seconds"})
+
+
+def _gauge_rule(sample: str, labels: tuple[tuple[str, str], ...]) -> str:
+    if sample in _GAUGE_MAX:
+        return "max"
+    if sample in _GAUGE_MIN:
+        return "min"
+    if sample in _GAUGE_MEAN:
+        return "mean"
+    if sample == PREFIX + "clients" and ("location", "remote") in labels:
+        return "max"  # every worker learns the same keys from the other relays
+    return "sum"
+
+
+@dataclass(slots=True)
+class _WorkerSeen:
+    pid: int
+    counters: dict[_SampleKey, float] = field(default_factory=dict)
+
+
+class WorkerMetricsMerger:
+    """Merge the expositions of the workers of a ``-workers`` group into the numbers of one relay.
+
+    Sans-io: :meth:`update` takes each worker's scrape (Prometheus text, or None if it did not
+    answer), :meth:`collect` yields the merged families. Counters are summed, and stay monotonic
+    across worker restarts: the last numbers seen from a worker that has since been replaced are
+    kept and added (what it counted between that scrape and its end is lost). A worker that does
+    not answer contributes its last counters and no gauges. Gauges are summed except for the few
+    where the sum means nothing (see ``_gauge_rule``).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, _WorkerSeen] = {}  # worker index -> its latest scrape
+        self._retired: dict[_SampleKey, float] = {}
+        self._meta: dict[str, tuple[str, str]] = {}  # family -> (type, help)
+        self._merged: dict[_SampleKey, float] = {}
+        # Each worker's own connection count (its share of the relay's clients), as last scraped.
+        self.worker_connections: dict[int, float] = {}
+
+    def update(self, scrapes: dict[int, tuple[int, str | None]]) -> None:
+        """``scrapes``: worker index -> (pid, exposition text or None)."""
+        counters: dict[_SampleKey, list[float]] = {}
+        gauges: dict[_SampleKey, list[float]] = {}
+        for index, (pid, text) in sorted(scrapes.items()):
+            seen = self._seen.get(index)
+            if seen is not None and seen.pid != pid:  # restarted: keep what the old one counted
+                for k, v in seen.counters.items():
+                    self._retired[k] = self._retired.get(k, 0.0) + v
+                seen = None
+                del self._seen[index]
+            if text is None:
+                self.worker_connections.pop(index, None)
+                if seen is not None:
+                    for k, v in seen.counters.items():
+                        counters.setdefault(k, []).append(v)
+                continue
+            try:
+                families = list(text_string_to_metric_families(text))
+            except ValueError:
+                log.warning("metrics: worker %d sent an unreadable exposition; skipped", index)
+                continue
+            fresh = _WorkerSeen(pid)
+            for fam in families:
+                self._meta.setdefault(fam.name, (fam.type, fam.documentation))
+                for sample in fam.samples:
+                    # (label order as the workers wrote it: they all run the same code)
+                    key = (fam.name, sample.name, tuple(sample.labels.items()))
+                    if fam.type == "gauge":
+                        gauges.setdefault(key, []).append(sample.value)
+                        if sample.name == PREFIX + "current_connections":
+                            self.worker_connections[index] = sample.value
+                    else:
+                        fresh.counters[key] = sample.value
+                        counters.setdefault(key, []).append(sample.value)
+            self._seen[index] = fresh
+        merged: dict[_SampleKey, float] = {}
+        for key in [*counters, *(k for k in self._retired if k not in counters)]:
+            merged[key] = sum(counters.get(key, ())) + self._retired.get(key, 0.0)
+        for key, values in gauges.items():
+            rule = _gauge_rule(key[1], key[2])
+            if rule == "max":
+                merged[key] = max(values)
+            elif rule == "min":
+                merged[key] = min(values)
+            elif rule == "mean":
+                merged[key] = sum(values) / len(values)
+            else:
+                merged[key] = sum(values)
+        self._merged = merged
+
+    def collect(self) -> Iterator[Metric]:
+        by_family: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+        for (family, sample, label_pairs), value in self._merged.items():
+            by_family.setdefault(family, []).append((sample, dict(label_pairs), value))
+        for family, samples in by_family.items():
+            typ, doc = self._meta[family]
+            m = Metric(family, doc, typ)
+            for sample, labels, value in samples:
+                m.add_sample(sample, labels, value)
+            yield m
 
 
 # -- the HTTP endpoint ---------------------------------------------------------------------------
@@ -413,24 +572,34 @@ def render(
     return 404, [(b"Content-Type", b"text/plain; charset=utf-8")], b"not found; try /metrics\n"
 
 
+Refresh = Callable[[], Awaitable[None]]
+
+
 async def serve_metrics(
     host: str | None,
     port: int,
     registry: CollectorRegistry,
     *,
+    sockets: Sequence[trio.socket.SocketType] = (),
+    before_scrape: Refresh | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``registry`` over HTTP on ``host:port`` (``None``/``""``: every address) until cancelled.
 
-    ``task_status.started`` reports the bound addresses, so port 0 works in tests.
+    ``task_status.started`` reports the bound addresses, so port 0 works in tests. ``sockets``:
+    listening sockets made elsewhere, served instead of ``host:port``. ``before_scrape`` is awaited
+    before each ``/metrics`` answer (a ``-workers`` supervisor collects its workers' numbers there).
     """
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    if sockets:
+        listeners = [trio.SocketListener(s) for s in sockets]
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
     bound = [(str(lst.socket.getsockname()[0]), int(lst.socket.getsockname()[1])) for lst in listeners]
     slots = trio.Semaphore(MAX_CONNECTIONS)
     try:
         async with trio.open_nursery() as nursery:
             for lst in listeners:
-                nursery.start_soon(_accept_loop, lst, registry, slots)
+                nursery.start_soon(_accept_loop, lst, registry, slots, before_scrape)
             task_status.started(bound)
     finally:
         for lst in listeners:
@@ -438,7 +607,10 @@ async def serve_metrics(
 
 
 async def _accept_loop(
-    listener: trio.SocketListener, registry: CollectorRegistry, slots: trio.Semaphore
+    listener: trio.SocketListener,
+    registry: CollectorRegistry,
+    slots: trio.Semaphore,
+    before_scrape: Refresh | None = None,
 ) -> None:
     async with trio.open_nursery() as handlers:
         while True:
@@ -455,14 +627,17 @@ async def _accept_loop(
             except BaseException:
                 slots.release()
                 raise
-            handlers.start_soon(_serve_connection, stream, registry, slots)
+            handlers.start_soon(_serve_connection, stream, registry, slots, before_scrape)
 
 
 async def _serve_connection(
-    stream: trio.SocketStream, registry: CollectorRegistry, slots: trio.Semaphore
+    stream: trio.SocketStream,
+    registry: CollectorRegistry,
+    slots: trio.Semaphore,
+    before_scrape: Refresh | None = None,
 ) -> None:
     try:
-        await _serve_http(stream, registry)
+        await _serve_http(stream, registry, before_scrape)
     except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     except h11.ProtocolError as e:
@@ -474,7 +649,9 @@ async def _serve_connection(
         await trio.aclose_forcefully(stream)
 
 
-async def _serve_http(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+async def _serve_http(
+    stream: trio.SocketStream, registry: CollectorRegistry, before_scrape: Refresh | None = None
+) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER)
     while True:
         with trio.fail_after(REQUEST_TIMEOUT):
@@ -502,6 +679,8 @@ async def _serve_http(stream: trio.SocketStream, registry: CollectorRegistry) ->
                     return
         assert request is not None
         headers = [(k.lower(), v) for k, v in request.headers.raw_items()]
+        if before_scrape is not None and request.target.startswith(b"/metrics"):
+            await before_scrape()
         # Generated inline on the trio thread: the collector reads live state without locks.
         status, out, body = render(request.method, request.target, headers, registry)
         await _send(stream, conn, request.method, status, out, body)

@@ -13,6 +13,11 @@ Connection flow, written down once::
 
 Every connection runs in its own task under a catch-all: whatever a client sends, only its own
 connection closes, and the reason is counted in :class:`RelayStats`.
+
+A worker of a ``-workers`` group (``_workers``) also serves a private loopback listener for its
+sibling workers: there only a client presenting the group's link secret is admitted, as a sibling
+link (a mesh peer that is not a client, see ``_state``). A ForwardPacket from another relay for a
+client of a sibling takes one more loopback hop; one from a sibling is never forwarded again.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import http
 import logging
 import math
 import ssl
+import struct
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -51,6 +57,7 @@ from natlib.keys import NodePrivateKey
 
 from ._admission import AdmissionPolicy, AllowListError
 from ._http import DerpUpgrade, Reply, RouteConfig, WebSocketUpgrade, route
+from ._mesh import SIBLING_RUN_HEADER_LEN, WorkerLinkStats
 from ._queue import DEFAULT_QUEUE_DEPTH, QueueEntry
 from ._ratelimit import ConnectionLimiter, RateConfigError, RateLimits, load_rate_config
 from ._sclient import KEEPALIVE_JITTER, ClientConn
@@ -69,6 +76,7 @@ SERVER_KEY_TIMEOUT: Final = 10.0  # and again 10 s for ClientInfo (spec §3)
 MAX_HTTP_HEADER: Final = 16 << 10
 MAX_HTTP_BODY: Final = 64 << 10
 _ACCEPT_RETRY_ERRNOS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_RUN_COUNTS: Final = struct.Struct(">II")
 
 
 def _reason(status: int) -> bytes:
@@ -104,11 +112,13 @@ class RelayServer:
         rate_config_path: str = "",
         accept_connection_limit: float = math.inf,
         accept_connection_burst: int = sys.maxsize,
+        sibling_secret: bytes | None = None,
     ) -> None:
         """``admission``: checks for non-mesh clients (None: everyone is admitted).
         ``rate_limits``: per-client receive limits (None: off); ``rate_config_path`` is the file
         :meth:`reload` re-reads. ``accept_connection_limit``/``_burst``: connections per second
-        (and burst) accepted on TLS listeners; +inf = no limit."""
+        (and burst) accepted on TLS listeners; +inf = no limit. ``sibling_secret``: set on the
+        workers of a ``-workers`` group, the secret their links present as mesh key."""
         self.private_key = private_key
         self.public_key = private_key.public
         self.mesh_key = mesh_key
@@ -131,6 +141,8 @@ class RelayServer:
         self.set_rate_limits(rate_limits)
         self.accept_connection_limit = accept_connection_limit
         self.accept_connection_burst = accept_connection_burst
+        self.sibling_secret = sibling_secret
+        self.worker_links = WorkerLinkStats()
         self._server_key_frame = ServerKey(self.public_key.raw).encode()
         self._upgrade_response = (
             b"HTTP/1.1 101 Switching Protocols\r\n"
@@ -202,8 +214,28 @@ class RelayServer:
         when the last of them has ended.
         """
         listeners = await trio.open_tcp_listeners(port, host=host or None)
-        socks = [lst.socket for lst in listeners]
-        bound = [s.getsockname()[:2] for s in socks]
+        await self.serve_sockets(
+            [lst.socket for lst in listeners],
+            ssl_context=ssl_context,
+            http_side_listener=http_side_listener,
+            task_status=task_status,
+        )
+
+    async def serve_sockets(
+        self,
+        socks: Sequence[trio.socket.SocketType],
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        http_side_listener: bool = False,
+        sibling_listener: bool = False,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Like :meth:`serve_tcp`, on listening sockets made elsewhere (a ``-workers`` supervisor).
+
+        ``sibling_listener``: the private endpoint of a worker, where only sibling links are
+        admitted. The sockets are closed when this returns.
+        """
+        bound = [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in socks]
         cfg = RouteConfig(
             derp_enabled=self.derp_enabled,
             home=self.home,
@@ -219,7 +251,7 @@ class RelayServer:
         try:
             async with trio.open_nursery() as nursery:
                 for s in socks:
-                    nursery.start_soon(self._accept_loop, s, ssl_context, cfg, limiter)
+                    nursery.start_soon(self._accept_loop, s, ssl_context, cfg, limiter, sibling_listener)
                 task_status.started(bound)
         finally:
             for s in socks:
@@ -231,6 +263,7 @@ class RelayServer:
         ssl_context: ssl.SSLContext | None,
         cfg: RouteConfig,
         limiter: ConnectionLimiter | None = None,
+        sibling_listener: bool = False,
     ) -> None:
         self._listen_socks.add(listen_sock)
         async with trio.open_nursery() as handlers:
@@ -254,8 +287,9 @@ class RelayServer:
                         sock.close()
                         continue
                     self.stats.tls_listener_accepted += 1
-                self.stats.accepts += 1
-                handlers.start_soon(self._handle_connection, sock, addr, ssl_context, cfg)
+                if not sibling_listener:  # sibling links are not clients
+                    self.stats.accepts += 1
+                handlers.start_soon(self._handle_connection, sock, addr, ssl_context, cfg, sibling_listener)
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; connections already accepted are not affected."""
@@ -292,6 +326,7 @@ class RelayServer:
         addr: Sequence[object],
         ssl_context: ssl.SSLContext | None,
         cfg: RouteConfig,
+        sibling_listener: bool = False,
     ) -> None:
         remote = (str(addr[0]), int(addr[1]))  # type: ignore[call-overload]
         configure_accepted_socket(sock)
@@ -315,7 +350,7 @@ class RelayServer:
                     self.stats.tls_versions[tls.tls_version or "unknown"] += 1
                 else:
                     transport = SocketTransport(sock)
-                await self._serve_http(transport, remote, cfg)
+                await self._serve_http(transport, remote, cfg, sibling_listener)
         except ProtocolError as e:
             self.stats.protocol_errors[e.reason] += 1
             log.info("connection from %s closed: %s", remote[0], e)
@@ -339,7 +374,9 @@ class RelayServer:
                     except Exception:
                         sock.close()
 
-    async def _serve_http(self, transport: Transport, remote: tuple[str, int], cfg: RouteConfig) -> None:
+    async def _serve_http(
+        self, transport: Transport, remote: tuple[str, int], cfg: RouteConfig, sibling_listener: bool = False
+    ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HTTP_HEADER)
         buf = bytearray(16 << 10)
         mv = memoryview(buf)
@@ -390,7 +427,9 @@ class RelayServer:
                 self.stats.http_requests[("derp_websocket", 101)] += 1
                 self.stats.websocket_accepts += 1
                 ws = await accept_websocket(transport, headers, request.target, bytes(trailing))
-                await self._serve_derp(ws, remote, b"", send_101=False, ideal_node=None)
+                await self._serve_derp(
+                    ws, remote, b"", send_101=False, ideal_node=None, sibling_listener=sibling_listener
+                )
             else:
                 assert isinstance(decision, DerpUpgrade)
                 self.stats.http_requests[("derp", 101)] += 1
@@ -400,6 +439,7 @@ class RelayServer:
                     bytes(trailing),
                     send_101=not decision.fast_start,
                     ideal_node=decision.ideal_node,
+                    sibling_listener=sibling_listener,
                 )
             return
 
@@ -460,6 +500,7 @@ class RelayServer:
         *,
         send_101: bool,
         ideal_node: str | None,
+        sibling_listener: bool = False,
     ) -> None:
         with trio.fail_after(self.handshake_timeout):
             await transport.send_all(
@@ -487,7 +528,12 @@ class RelayServer:
             if len(payload) < CLIENT_INFO_MIN_LEN:
                 raise HandshakeError("short_client_info", f"ClientInfo of {len(payload)} bytes")
             client_key, info = open_client_info(self.private_key, payload)
-            is_mesh_peer = info.has_mesh_key(self.mesh_key)
+            # The private endpoint of a worker admits sibling links only, nothing else.
+            if sibling_listener and not info.has_mesh_key(self.sibling_secret):
+                self.stats.rejected_clients["not_a_sibling"] += 1
+                log.warning("private worker endpoint: refused %s (not a sibling worker)", remote[0])
+                return
+            is_mesh_peer = sibling_listener or info.has_mesh_key(self.mesh_key)
             # Admission, inside the ClientInfo budget (spec §3, §5). Mesh peers always pass.
             if self.admission is not None and not is_mesh_peer:
                 decision = await self.admission.check(client_key.raw, remote[0])
@@ -508,7 +554,10 @@ class RelayServer:
             not_ideal=not_ideal,
             initial_data=decoder.take_buffered(),
         )
-        self.table.register(conn)
+        if sibling_listener:
+            self.table.add_sibling_link(conn)
+        else:
+            self.table.register(conn)
         try:
             sealed = seal_server_info(self.private_key, client_key.raw, ServerInfo())
             with trio.fail_after(max(self.write_timeout, 1.0) if self.write_timeout else math.inf):
@@ -526,9 +575,19 @@ class RelayServer:
         """A ForwardPacket from a mesh peer: deliver locally, never forward again."""
         src, dst, packet = payload[:KEY_LEN], payload[KEY_LEN : 2 * KEY_LEN], payload[2 * KEY_LEN :]
         disco = is_disco_packet(packet)
-        self.stats.packets_forwarded_in += 1
+        from_sibling = via in self.table.sibling_links
+        if from_sibling:
+            self.worker_links.forwarded_in += 1
+        else:
+            self.stats.packets_forwarded_in += 1
         conn = self.table.active.get(dst)
         if conn is None:
+            # From another relay, for a client of a sibling worker: one more (loopback) hop.
+            # From a sibling: never forwarded again, so no packet can loop.
+            sibling = None if from_sibling else self.table.sibling_forwarder_for(dst)
+            if sibling is not None:
+                sibling.forward(src, dst, packet)
+                return
             self.stats.drop("unknown_dest_on_fwd", disco, 1, len(packet))
             if disco:
                 via.queue_peer_gone(dst, PeerGoneReason.NOT_HERE)
@@ -536,10 +595,34 @@ class RelayServer:
         frame = b"\x05" + (KEY_LEN + len(packet)).to_bytes(4, "big") + src + packet
         conn.enqueue(QueueEntry(frame, 1, len(packet), src, trio.current_time()), disco)
 
-    def close_peer(self, key: bytes) -> None:
-        """ClosePeer from a mesh peer: close every connection of ``key``."""
+    def receive_sibling_run(self, body: memoryview) -> None:
+        """A SiblingRun from a sibling worker (``_mesh``): its frames go to ``dst`` as they are.
+
+        Never forwarded again. The sibling built the frames from a client's SendPackets it had
+        already checked; only our own authenticated siblings can send this frame.
+        """
+        dst, src = bytes(body[:KEY_LEN]), bytes(body[KEY_LEN : 2 * KEY_LEN])
+        packets, nbytes = _RUN_COUNTS.unpack_from(body, 2 * KEY_LEN)
+        self.worker_links.forwarded_in += packets
+        conn = self.table.active.get(dst)
+        if conn is None:
+            self.stats.drop("unknown_dest_on_fwd", False, packets, nbytes)
+            return
+        frames = bytes(body[SIBLING_RUN_HEADER_LEN:])
+        conn.enqueue(QueueEntry(frames, packets, nbytes, src, trio.current_time()), False)
+
+    def close_peer(self, key: bytes, via: ClientConn | None = None) -> None:
+        """ClosePeer from a mesh peer: close every connection of ``key``.
+
+        From another relay, sibling workers that have ``key`` are told too (one hop, like packets).
+        """
         conns = self.table.connections_of(key)
-        if not conns:
+        siblings = []
+        if via is None or via not in self.table.sibling_links:
+            siblings = [p for p in self.table.forwarders.get(key, ()) if p.is_sibling]
+        for peer in siblings:
+            peer.forward_close_peer(key)
+        if not conns and not siblings:
             log.info("ClosePeer for unknown key %s", key.hex()[:8])
         for c in conns:
             c.close("closed by mesh peer (ClosePeer)")

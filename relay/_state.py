@@ -20,6 +20,13 @@ Rules (spec §5), all enforced here and nowhere else:
 - **Gone from the region**: receivers hear PeerGone(Disconnected) for X when X's last local
   connection closes and no relay of the region has it, or when the last forwarder for X goes and X
   is not connected here.
+- **Sibling workers** (``-workers N``, see ``_workers``): the N processes of one relay link to each
+  other over loopback. A sibling link is not a client: it is kept apart from ``sets`` (no
+  PeerPresent for it, not counted, not drained). Sibling watchers get this worker's local
+  connections only. Sibling forwarders come before other relays' for the same key, and
+  *external* watchers (other relays of the region) see the whole worker group: keys learned from
+  siblings are announced to them, and PeerGone goes to them only when a key has left every
+  worker.
 """
 
 from __future__ import annotations
@@ -58,8 +65,10 @@ class RoutingTable:
         self.stats = stats
         self.sets: dict[bytes, ClientSet] = {}
         self.active: dict[bytes, ClientConn] = {}
-        self.watchers: set[ClientConn] = set()
+        self.watchers: set[ClientConn] = set()  # other relays of the region (WatchConns)
         self.forwarders: dict[bytes, list[MeshPeer]] = {}
+        self.sibling_links: set[ClientConn] = set()  # incoming links from sibling workers
+        self.sibling_watchers: set[ClientConn] = set()
         self._empty: trio.Event | None = None
         self._receivers_of: dict[bytes, set[ClientConn]] = {}
 
@@ -83,8 +92,18 @@ class RoutingTable:
         self.stats.current_connections += 1
         for w in self.watchers:
             w.queue_peer_present(conn)
+        for w in self.sibling_watchers:
+            w.queue_peer_present(conn)
+
+    def add_sibling_link(self, conn: ClientConn) -> None:
+        """Track a link from a sibling worker: a mesh connection that is not a client."""
+        self.sibling_links.add(conn)
 
     def unregister(self, conn: ClientConn) -> None:
+        if conn in self.sibling_links:
+            self.sibling_links.discard(conn)
+            self.sibling_watchers.discard(conn)
+            return
         key = conn.key
         cs = self.sets.get(key)
         if cs is None or conn not in cs.conns:
@@ -112,8 +131,11 @@ class RoutingTable:
         if not cs.conns:
             del self.sets[key]
             self.active.pop(key, None)
-            for w in self.watchers:
+            for w in self.sibling_watchers:
                 w.queue_peer_gone(key, PeerGoneReason.DISCONNECTED)
+            if self.sibling_forwarder_for(key) is None:  # gone from every worker of this relay
+                for w in self.watchers:
+                    w.queue_peer_gone(key, PeerGoneReason.DISCONNECTED)
             if key not in self.forwarders:
                 self._peer_gone_from_region(key)
             return
@@ -160,11 +182,29 @@ class RoutingTable:
     # -- watchers (mesh) -------------------------------------------------------------------------
 
     def add_watcher(self, conn: ClientConn) -> None:
-        """Subscribe ``conn`` and queue a PeerPresent snapshot of every connected key."""
+        """Subscribe ``conn`` and queue a PeerPresent snapshot of every connected key.
+
+        A sibling worker's link gets this worker's connections; another relay's gets the clients of
+        every worker of this relay.
+        """
+        if conn in self.sibling_links:
+            if conn not in self.sibling_watchers:
+                self.sibling_watchers.add(conn)
+                self._snapshot_to(conn)
+            return
         if conn in self.watchers:
             return
         self.watchers.add(conn)
         self.stats.watchers = len(self.watchers)
+        self._snapshot_to(conn)
+        for key, peers in self.forwarders.items():
+            if key in self.sets:
+                continue
+            frame = peers[0].present_frames.get(key) if peers[0].is_sibling else None
+            if frame is not None:
+                conn.queue_control(frame)
+
+    def _snapshot_to(self, conn: ClientConn) -> None:
         for cs in self.sets.values():
             shown = cs.active if cs.active is not None else cs.conns[-1]
             conn.queue_peer_present(shown)
@@ -187,11 +227,27 @@ class RoutingTable:
         peers = self.forwarders.get(dst)
         return peers[0] if peers else None
 
-    def add_forwarder(self, key: bytes, peer: MeshPeer) -> None:
+    def sibling_forwarder_for(self, dst: bytes) -> MeshPeer | None:
+        """The sibling worker that has ``dst``, if this worker has no connection for it."""
+        if dst in self.sets:
+            return None
+        peers = self.forwarders.get(dst)
+        return peers[0] if peers and peers[0].is_sibling else None
+
+    def add_forwarder(self, key: bytes, peer: MeshPeer, present_frame: bytes | None = None) -> None:
+        """``key`` is reachable through ``peer``. From a sibling, ``present_frame`` (its PeerPresent)
+        is passed on to the other relays watching this one: they see the whole worker group."""
+        if peer.is_sibling and present_frame is not None:
+            for w in self.watchers:
+                w.queue_control(present_frame)
         peers = self.forwarders.setdefault(key, [])
         if peer in peers:
             return  # re-registering is ignored
-        peers.append(peer)
+        if peer.is_sibling:  # one loopback hop beats a hop to another relay
+            at = next((i for i, p in enumerate(peers) if not p.is_sibling), len(peers))
+            peers.insert(at, peer)
+        else:
+            peers.append(peer)
         if len(peers) == 2:
             self.stats.multiforwarder_created += 1
 
@@ -203,6 +259,9 @@ class RoutingTable:
         peers.remove(peer)
         if len(peers) == 1:
             self.stats.multiforwarder_deleted += 1
+        if peer.is_sibling and key not in self.sets and not any(p.is_sibling for p in peers):
+            for w in self.watchers:  # gone from every worker of this relay
+                w.queue_peer_gone(key, PeerGoneReason.DISCONNECTED)
         if not peers:
             del self.forwarders[key]
             if key not in self.sets:

@@ -2,6 +2,9 @@
 
 SIGHUP re-reads ``-allow-file`` and ``-rate-config`` (a bad file keeps the old settings).
 
+``-workers N`` (N > 1) turns this process into the supervisor of N relay processes
+(:mod:`relay._workers`); with ``-workers 1`` the relay serves right here.
+
 Exit status: 0 after a clean shutdown (SIGINT/SIGTERM) or ``-h``/``-version``; 2 for a bad command
 line or configuration, with a one-line message saying what is wrong.
 """
@@ -28,6 +31,7 @@ from ._metrics import build_registry, serve_metrics
 from ._ratelimit import RateConfigError, RateLimits, load_rate_config
 from ._server import RelayServer
 from ._stun_server import StunStats, serve_stun
+from ._workers import Supervisor, WorkerSpec, WorkerSpecError, read_worker_spec, serve_worker
 
 log = logging.getLogger("relay")
 
@@ -59,10 +63,11 @@ def _admission_and_limits(cfg: RelayConfig) -> tuple[AdmissionPolicy, RateLimits
     return admission, limits
 
 
-async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
+async def run(cfg: RelayConfig, key: NodePrivateKey, worker: WorkerSpec | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, close every client and return.
 
-    SIGHUP reloads the allow file and the rate config.
+    SIGHUP reloads the allow file and the rate config. ``worker``: serve as a worker of a
+    ``-workers`` supervisor, on the sockets it handed over; also return when it goes away.
     """
     admission, limits = _admission_and_limits(cfg)
     if admission.allowed is not None:
@@ -89,36 +94,23 @@ async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
         rate_config_path=cfg.rate_config,
         accept_connection_limit=cfg.accept_connection_limit,
         accept_connection_burst=cfg.accept_connection_burst,
+        sibling_secret=worker.link_secret if worker is not None else None,
     )
     ssl_context = _make_ssl_context(cfg, key) if cfg.tls else None
     stun_stats = StunStats()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(
-                lambda task_status: server.serve_tcp(
-                    cfg.listen_host, cfg.listen_port, ssl_context=ssl_context, task_status=task_status
+            if worker is not None:
+                await serve_worker(
+                    nursery,
+                    server,
+                    worker,
+                    ssl_context=ssl_context,
+                    stun_stats=stun_stats,
+                    on_supervisor_gone=nursery.cancel_scope,
                 )
-            )
-            scheme = "https" if cfg.tls else "http"
-            for host, port in bound:
-                log.info("serving DERP on %s://%s/derp", scheme, _fmt_addr(host, port))
-            log.info("server key nodekey:%s", key.public.hex())
-            if cfg.tls and cfg.http_port >= 0:
-                side = await nursery.start(
-                    lambda task_status: server.serve_tcp(
-                        cfg.listen_host, cfg.http_port, http_side_listener=True, task_status=task_status
-                    )
-                )
-                for host, port in side:
-                    log.info("serving plain HTTP (generate_204, redirects) on %s", _fmt_addr(host, port))
-            if cfg.stun:
-                # (the STUN server logs the addresses it listens on)
-                await nursery.start(serve_stun, cfg.listen_host or None, cfg.stun_port, stun_stats)
-            if cfg.metrics_addr is not None:
-                registry = build_registry(server, stun_stats)
-                metrics_bound = await nursery.start(serve_metrics, *cfg.metrics_addr, registry)
-                for host, port in metrics_bound:
-                    log.info("serving metrics on http://%s/metrics", _fmt_addr(host, port))
+            else:
+                await _serve(nursery, server, cfg, key, ssl_context, stun_stats)
             mesh_ssl = ssl.create_default_context() if cfg.tls else None
             for target in cfg.mesh_with:
                 peer = MeshPeer(server, target, tls=cfg.tls, ssl_context=mesh_ssl)
@@ -135,6 +127,42 @@ async def run(cfg: RelayConfig, key: NodePrivateKey) -> None:
                 server.close_all_connections()
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _serve(
+    nursery: trio.Nursery,
+    server: RelayServer,
+    cfg: RelayConfig,
+    key: NodePrivateKey,
+    ssl_context: ssl.SSLContext | None,
+    stun_stats: StunStats,
+) -> None:
+    """Open the listeners of a single-process relay in ``nursery`` and log where they are."""
+    bound = await nursery.start(
+        lambda task_status: server.serve_tcp(
+            cfg.listen_host, cfg.listen_port, ssl_context=ssl_context, task_status=task_status
+        )
+    )
+    scheme = "https" if cfg.tls else "http"
+    for host, port in bound:
+        log.info("serving DERP on %s://%s/derp", scheme, _fmt_addr(host, port))
+    log.info("server key nodekey:%s", key.public.hex())
+    if cfg.tls and cfg.http_port >= 0:
+        side = await nursery.start(
+            lambda task_status: server.serve_tcp(
+                cfg.listen_host, cfg.http_port, http_side_listener=True, task_status=task_status
+            )
+        )
+        for host, port in side:
+            log.info("serving plain HTTP (generate_204, redirects) on %s", _fmt_addr(host, port))
+    if cfg.stun:
+        # (the STUN server logs the addresses it listens on)
+        await nursery.start(serve_stun, cfg.listen_host or None, cfg.stun_port, stun_stats)
+    if cfg.metrics_addr is not None:
+        registry = build_registry(server, stun_stats)
+        metrics_bound = await nursery.start(serve_metrics, *cfg.metrics_addr, registry)
+        for host, port in metrics_bound:
+            log.info("serving metrics on http://%s/metrics", _fmt_addr(host, port))
 
 
 async def _drain(server: RelayServer, cfg: RelayConfig) -> None:
@@ -162,6 +190,14 @@ def _only_os_error(e: BaseException) -> OSError | None:
     return e if isinstance(e, OSError) else None
 
 
+def _setup_logging(cfg: RelayConfig, tag: str) -> None:
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def _fmt_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -182,13 +218,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         cfg = config_from_args(values, given)
-        logging.basicConfig(
-            level=cfg.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        if cfg.internal_worker:
+            spec = read_worker_spec()
+            _setup_logging(cfg, f"[worker {spec.index}] ")
+            trio.run(run, cfg, spec.private_key, spec)
+            return 0
+        _setup_logging(cfg, "[supervisor] " if cfg.workers > 1 else "")
         key = load_or_create_key(cfg.key_path) if cfg.key_path else NodePrivateKey.generate()
+        if cfg.workers > 1:
+            # Everything a worker would trip over is checked here, once, before any starts.
+            _admission_and_limits(cfg)
+            if cfg.tls:
+                _make_ssl_context(cfg, key)  # also creates a missing self-signed certificate, once
+            return trio.run(Supervisor(cfg, key, args).run)
         trio.run(run, cfg, key)
+    except WorkerSpecError as e:
+        sys.stderr.write(f"meshrelay: {e}\n")
+        return 2
     except ConfigError as e:
         sys.stderr.write(f"meshrelay: {e}\n")
         return 2

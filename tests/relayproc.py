@@ -32,6 +32,9 @@ def free_ports(n: int = 1) -> list[int]:
 
 class RelayProcess:
     def __init__(self, args: Sequence[str]) -> None:
+        # One process unless a test asks for workers: tests read single-process logs and numbers.
+        if not any(a.lstrip("-").startswith("workers") for a in args):
+            args = [*args, "-workers=1"]
         self.argv = [sys.executable, "-m", "relay", *args]
         self.lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
