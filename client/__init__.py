@@ -9,11 +9,13 @@ Public namespaces:
 - :mod:`client.engine`: WireGuard engines behind one protocol: wireguard-go (supervised, driven
   over its UAPI socket) and kernel WireGuard (driven with ``wg``); interfaces set up with ``ip``.
 - :mod:`client.wgconfig`: mesh file + key file → the interface setup and the engine's UAPI ``set``.
-- :mod:`client.cli`: the ``meshnode`` command (``genkey``, ``check``); ``python -m client`` runs it.
+- :mod:`client.daemon`: ``meshnode up``: wireguard-go, natlib's connection (``natlib.conn``) and the
+  per-peer loopback proxies between them, a local control socket, the path table.
+- :mod:`client.cli`: the ``meshnode`` command (``genkey``, ``check``, ``up``, ``status``, ``ping``,
+  ``netcheck``, ``demo``); ``python -m client`` runs it.
 
 Every file error (:class:`~client.meshfile.MeshFileError`, :class:`~client.keyfile.KeyFileError`)
-is one line naming the file, the line and the field. Not here yet: ``meshnode up``/``status``/
-``ping``/``netcheck`` and the per-peer loopback proxies, which wait for natlib's connection API.
+is one line naming the file, the line and the field.
 
 The client imports natlib, never relay. It logs through ``logging.getLogger("client....")``.
 """

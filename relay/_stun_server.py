@@ -10,14 +10,22 @@ IPv6. Everything else (other STUN messages, RFC 3489, garbage, bad fingerprints)
 
 Nothing a peer sends can stop the server: decoding errors are counted, socket errors on receive
 and send are counted and logged, and each socket has its own receive loop.
+
+A socket bound to the wildcard address answers from the address the request was sent to (Linux
+``IP_PKTINFO``/``IPV6_PKTINFO``): on a host with several addresses the kernel would otherwise pick
+the source by route, and STUN clients drop replies that do not come from the server they asked.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
+import socket
+import struct
+import sys
 from dataclasses import asdict, dataclass
-from typing import Final
+from typing import Final, cast
 
 import trio
 
@@ -30,6 +38,11 @@ log = logging.getLogger(__name__)
 RECV_BUFFER_SIZE: Final = 64 << 10
 _READ_ERROR_BACKOFF: Final = 0.1  # seconds; keeps a persistent socket error from spinning the CPU
 _PORT_ZERO_ATTEMPTS: Final = 10
+# Linux's IP_PKTINFO (Python only names it from 3.13 on) and the two pktinfo layouts.
+_IP_PKTINFO: Final = int(getattr(socket, "IP_PKTINFO", 8))
+_IN_PKTINFO: Final = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr
+_IN6_PKTINFO: Final = struct.Struct("=16sI")  # addr, ifindex
+_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(_IN6_PKTINFO.size)
 
 
 @dataclass(slots=True)
@@ -129,12 +142,48 @@ async def serve_stun(
             s.close()
 
 
+def _enable_pktinfo(sock: trio.socket.SocketType) -> bool:
+    """Ask for each datagram's destination address, if ``sock`` is bound to a wildcard (Linux)."""
+    if sys.platform != "linux" or not ipaddress.ip_address(str(sock.getsockname()[0])).is_unspecified:
+        return False
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+    except OSError as e:
+        log.info("STUN: no per-datagram destination address (%r); replies use the routed source", e)
+        return False
+    return True
+
+
+def _reply_source(ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The control message that makes the reply leave from the request's destination address."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
+            _ifindex, _spec_dst, dst = _IN_PKTINFO.unpack_from(data)
+            return [(socket.IPPROTO_IP, _IP_PKTINFO, _IN_PKTINFO.pack(0, dst, bytes(4)))]
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= _IN6_PKTINFO.size:
+            dst6, ifindex = _IN6_PKTINFO.unpack_from(data)
+            # Link-local destinations need their interface; global ones route normally.
+            keep = ifindex if dst6[:2] == b"\xfe\x80" else 0
+            return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _IN6_PKTINFO.pack(dst6, keep))]
+    return []
+
+
 async def _serve_socket(sock: trio.socket.SocketType, stats: StunStats) -> None:
     buf = bytearray(RECV_BUFFER_SIZE)
     view = memoryview(buf)
+    pktinfo = _enable_pktinfo(sock)
     while True:
+        ancdata: list[tuple[int, int, bytes]] = []
+        addr: tuple[object, ...]
         try:
-            nbytes, addr = await sock.recvfrom_into(buf)
+            if pktinfo:
+                nbytes, ancdata, _flags, source = await sock.recvmsg_into([buf], _ANCILLARY_SIZE)
+                addr = cast(tuple[object, ...], source)  # recvfrom's address form
+            else:
+                nbytes, addr = await sock.recvfrom_into(buf)
         except OSError as e:
             stats.read_error += 1
             log.warning("STUN recvfrom failed: %r", e)
@@ -150,7 +199,11 @@ async def _serve_socket(sock: trio.socket.SocketType, stats: StunStats) -> None:
         if reply is None:
             continue
         try:
-            await sock.sendto(reply, addr)
+            source = _reply_source(ancdata) if pktinfo else []
+            if source:
+                await sock.sendmsg([reply], source, 0, addr)
+            else:
+                await sock.sendto(reply, addr)
         except OSError as e:
             stats.write_error += 1
             log.debug("STUN sendto %r failed: %r", addr, e)

@@ -194,10 +194,14 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "genkey" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
-        main(["up"])  # not registered until the daemon exists
+        main(["up"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert re.search(r"invalid choice: 'up' \(choose from '?genkey'?, '?check'?\)", err)
+    assert err == "meshnode up: the following arguments are required: -c/--config, -k/--key\n"
+    with pytest.raises(SystemExit) as info:
+        main(["frob"])
+    assert info.value.code == 2
+    assert re.search(r"invalid choice: 'frob' \(choose from ", capsys.readouterr().err)
     with pytest.raises(SystemExit) as info:
         main(["genkey"])
     assert info.value.code == 2
@@ -243,3 +247,12 @@ def test_the_client_never_imports_relay() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_up_with_a_bad_mesh_file_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mesh.toml").write_text('[mesh]\nname = "lab"\nbogus = 1\n')
+    write_key_file(tmp_path / "n.key", NodeKeys.generate())
+    assert main(["up", "-c", str(tmp_path / "mesh.toml"), "-k", str(tmp_path / "n.key")]) == 2
+    assert capsys.readouterr().err == f"meshnode up: {tmp_path / 'mesh.toml'}:3: mesh.bogus: unknown field\n"

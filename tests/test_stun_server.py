@@ -202,6 +202,11 @@ class FakeSocket:
         self.sent: list[tuple[bytes, object]] = []
         self.drained = trio.Event()
 
+    family = socket.AF_INET6
+
+    def getsockname(self) -> tuple[str, int, int, int]:
+        return ("2001:db8::5", 3478, 0, 0)  # bound to one address: plain recvfrom/sendto
+
     async def recvfrom_into(self, buf: bytearray) -> tuple[int, tuple[str, int]]:
         await trio.lowlevel.checkpoint()
         if not self.incoming:
@@ -247,3 +252,24 @@ async def test_reply_goes_to_sender_address_and_unmaps(autojump_clock: trio.test
         nursery.cancel_scope.cancel()
     assert fake.sent == [(expected_response(txid, "192.0.2.1", 3478), ("::ffff:192.0.2.1", 3478))]
     assert stats == StunStats(success=1, ipv4=1)
+
+
+async def test_wildcard_socket_answers_from_the_address_that_was_asked() -> None:
+    """On a host with several addresses, the reply leaves from the one the client sent to (here
+    127.0.0.2: the kernel's own choice would be 127.0.0.1, and STUN clients drop such replies)."""
+    stats = StunStats()
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(serve_stun, "0.0.0.0", 0, stats)
+        port = bound[0][1]
+        client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with client:
+            await client.bind(("127.0.0.1", 0))
+            for server_ip in ("127.0.0.2", "127.0.0.1", "127.0.0.3"):
+                txid = os.urandom(12)
+                await client.sendto(stun.tailscale_binding_request(txid), (server_ip, port))
+                with trio.fail_after(5):
+                    data, source = await client.recvfrom(2048)
+                assert source == (server_ip, port)
+                assert data == expected_response(txid, "127.0.0.1", client.getsockname()[1])
+        nursery.cancel_scope.cancel()
+    assert stats == StunStats(success=3, ipv4=3)
