@@ -171,6 +171,7 @@ class MeshPeer:
         self.present_frames: dict[bytes, bytes] = {}
         self.learned: set[bytes] = set()
         self.connected = False
+        self.first_connected = trio.Event()  # set at the first session (workers wait for it)
         self._had_session = False
         self.is_self = False
         self._queue: deque[tuple[bytes, bytes, bytes]] = deque()
@@ -300,6 +301,7 @@ class MeshPeer:
                 return
             await client.watch_conns()
             self.connected = self._had_session = True
+            self.first_connected.set()
             self._count_up(+1)
             if link is not None:
                 log.debug("workers: linked to %s", self.name)

@@ -127,7 +127,9 @@ class RelayCollector:
         stun: StunStats | None = None,
         table: RoutingTable | None = None,
         links: WorkerLinkStats | None = None,
+        idle_spin: Callable[[], tuple[int, int]] | None = None,
     ):
+        self.idle_spin = idle_spin  # (spins, spins ended by data), read at scrape time
         self.stats = stats
         self.stun = stun
         self.table = table
@@ -221,6 +223,15 @@ class RelayCollector:
         yield _counter("unknown_frames", "Frames of unknown type received (skipped).", s.unknown_frames)
         yield _counter(
             "write_timeouts", "Client connections closed because a write timed out.", s.sclient_write_timeouts
+        )
+        spins, spins_with_data = self.idle_spin() if self.idle_spin is not None else (0, 0)
+        yield _counter(
+            "idle_spins", "Times the relay polled its sockets before sleeping (-idle-spin).", spins
+        )
+        yield _counter(
+            "idle_spins_ended_by_data",
+            "Idle spins that ended because a socket became readable (a sleep and wake-up saved).",
+            spins_with_data,
         )
 
         # -- mesh -----------------------------------------------------------------------------
@@ -413,7 +424,9 @@ def build_registry(server: RelayServer, stun: StunStats | None = None) -> Collec
     """A dedicated registry: the relay's collector plus process, platform and GC collectors."""
     registry = CollectorRegistry(auto_describe=True)
     links = server.worker_links if server.sibling_secret is not None else None
-    registry.register(RelayCollector(server.stats, stun, server.table, links))
+    registry.register(
+        RelayCollector(server.stats, stun, server.table, links, lambda: server.idle_spin_counts)
+    )
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -129,7 +129,8 @@ class ClientConn:
         self.is_mesh_peer = is_mesh_peer
         self.remote = remote
         self.not_ideal = not_ideal
-        self.connected_at = trio.current_time()
+        self._clock = trio.lowlevel.current_clock()  # its current_time() is trio.current_time(), in one call
+        self.connected_at = self._clock.current_time()
         self.is_home = False
         self.closing = False
         self.received_from: set[bytes] = set()
@@ -169,22 +170,30 @@ class ClientConn:
         if self.closing:
             self.stats.drop("gone_disconnected", disco, entry.packets, entry.payload_bytes)
             return
-        if self._writer_idle and not self._has_pending() and self.transport.send_nowait(entry.frames):
+        # _writer_idle: the writer waits with nothing pending (whatever queues work clears it).
+        if self._writer_idle and self.transport.send_nowait(entry.frames):
             # Fast path: the writer has nothing to do, so write from here and save a task switch
             # per packet (the latency of an interactive exchange). Backlog goes to the writer.
             if entry.src not in self.received_from:
                 self.table.note_delivered(self, entry.src)
-            self.stats.note_queue_delay(0.0)
+            stats = self.stats
+            stats.average_queue_duration_ms *= 0.9  # note_queue_delay(0.0), inlined: hot path
             if self.transport.has_backlog:  # the writer finishes it, then counts it sent or dropped
                 self._unfinished = (entry, disco)
-                self._wake.set()
+                self._wake_writer()
             else:
-                self.stats.packets_sent += entry.packets
-                self.stats.bytes_sent += entry.payload_bytes
+                stats.packets_sent += entry.packets
+                stats.bytes_sent += entry.payload_bytes
             return
         q = self._disco_queue if disco else self._send_queue
         for old in q.put(entry):
             self.stats.drop("queue_head", disco, old.packets, old.payload_bytes)
+        self._writer_idle = False  # _wake_writer(), inlined: hot path
+        self._wake.set()
+
+    def _wake_writer(self) -> None:
+        """Work is queued: wake the writer, and stop :meth:`enqueue` writing past it."""
+        self._writer_idle = False
         self._wake.set()
 
     def queue_control(self, frame: bytes) -> None:
@@ -192,7 +201,7 @@ class ClientConn:
         if self.closing:
             return
         self._control.append(frame)
-        self._wake.set()
+        self._wake_writer()
 
     def queue_peer_gone(self, key: bytes, reason: int) -> None:
         if self.closing:
@@ -202,7 +211,7 @@ class ClientConn:
             self.stats.peer_gone_disconnected_frames += 1
         else:
             self.stats.peer_gone_not_here_frames += 1
-        self._wake.set()
+        self._wake_writer()
 
     def queue_peer_present(self, conn: ClientConn) -> None:
         if self.closing:
@@ -215,7 +224,7 @@ class ClientConn:
             ip = None
         frame = PeerPresent(conn.key, ip, conn.remote[1] if ip is not None else 0, conn.peer_present_flags)
         self._control.append(frame.encode())
-        self._wake.set()
+        self._wake_writer()
 
     def close(self, reason: str) -> None:
         """Ask this connection to end (from any task). Idempotent."""
@@ -343,6 +352,7 @@ class ClientConn:
         mykey = self.key
         unpack_hdr = _HDR.unpack_from
         t_send, t_recv, disco_first, disco_len = _T_SEND, _T_RECV, _DISCO_MAGIC[0], _DISCO_MIN_SEND_LEN
+        disco_magic = _DISCO_MAGIC
         max_send = KEY_LEN + MAX_PACKET_SIZE
         stats = self.stats
         # The current run: consecutive SendPackets of one length to one destination. Its frames all
@@ -359,7 +369,11 @@ class ClientConn:
                 fend = pos + run_flen
                 if fend > end:
                     break
-                if not (run_maybe_disco and buf[pos + 37] == disco_first):
+                # Only a real disco packet ends the run; a payload that merely starts with the
+                # magic's first byte (0x54) must not cost a run (and a write) per packet.
+                if not (
+                    run_maybe_disco and buf[pos + 37] == disco_first and buf.startswith(disco_magic, pos + 37)
+                ):
                     buf[pos] = t_recv
                     buf[pos + 5 : pos + 37] = mykey
                     run_end = fend
@@ -421,7 +435,8 @@ class ClientConn:
         stats = self.stats
         stats.packets_received += count
         stats.bytes_received += payload
-        conn.enqueue(QueueEntry(bytes(mv[start:end]), count, payload, self.key, trio.current_time()), False)
+        entry = QueueEntry(bytes(mv[start:end]), count, payload, self.key, self._clock.current_time())
+        conn.enqueue(entry, False)
 
     def _deliver_disco(self, buf: bytearray, mv: memoryview, pos: int, fend: int, plen: int) -> None:
         stats = self.stats
@@ -435,7 +450,7 @@ class ClientConn:
             return
         buf[pos] = _T_RECV
         mv[pos + 5 : pos + 37] = self.key
-        conn.enqueue(QueueEntry(bytes(mv[pos:fend]), 1, plen, self.key, trio.current_time()), True)
+        conn.enqueue(QueueEntry(bytes(mv[pos:fend]), 1, plen, self.key, self._clock.current_time()), True)
 
     def _not_local(self, dst: bytes, disco: bool, mv: memoryview, pos: int, fend: int) -> None:
         """``dst`` has no active connection here: forward it through the mesh, or drop it."""
@@ -465,7 +480,7 @@ class ClientConn:
             self.stats.got_ping += 1
             if self._pending_pong is None:  # one pending Pong; later Pings are ignored
                 self._pending_pong = bytes(mv[body : body + 8])
-                self._wake.set()
+                self._wake_writer()
         elif t == SIBLING_RUN and self in self.table.sibling_links:
             if not SIBLING_RUN_HEADER_LEN <= n <= SIBLING_RUN_MAX_LEN:
                 raise FrameError("bad_sibling_run_len", f"SiblingRun of {n} bytes")

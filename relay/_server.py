@@ -63,7 +63,14 @@ from ._ratelimit import ConnectionLimiter, RateConfigError, RateLimits, load_rat
 from ._sclient import KEEPALIVE_JITTER, ClientConn
 from ._state import RoutingTable
 from ._stats import RelayStats
-from ._transport import SocketTransport, TLSTransport, Transport, configure_accepted_socket
+from ._transport import (
+    IDLE_SPIN_SECONDS,
+    IdleSpin,
+    SocketTransport,
+    TLSTransport,
+    Transport,
+    configure_accepted_socket,
+)
 from ._ws import accept_websocket
 
 __all__ = ["RelayServer"]
@@ -113,12 +120,16 @@ class RelayServer:
         accept_connection_limit: float = math.inf,
         accept_connection_burst: int = sys.maxsize,
         sibling_secret: bytes | None = None,
+        idle_spin: float = IDLE_SPIN_SECONDS,
     ) -> None:
         """``admission``: checks for non-mesh clients (None: everyone is admitted).
         ``rate_limits``: per-client receive limits (None: off); ``rate_config_path`` is the file
         :meth:`reload` re-reads. ``accept_connection_limit``/``_burst``: connections per second
         (and burst) accepted on TLS listeners; +inf = no limit. ``sibling_secret``: set on the
-        workers of a ``-workers`` group, the secret their links present as mesh key."""
+        workers of a ``-workers`` group, the secret their links present as mesh key.
+        ``idle_spin``: seconds to poll the client sockets before sleeping while traffic is
+        interactive (:class:`~relay._transport.IdleSpin`); 0 turns it off."""
+        self.idle_spin = idle_spin
         self.private_key = private_key
         self.public_key = private_key.public
         self.mesh_key = mesh_key
@@ -155,6 +166,7 @@ class RelayServer:
         self._shutting_down = False
         self._listen_socks: set[trio.socket.SocketType] = set()
         self._accepting_stopped = False
+        self._idle_spin: IdleSpin | None = None  # created, and added to trio, with the first connection
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -337,8 +349,9 @@ class RelayServer:
         self._conn_scopes.add(scope)
         try:
             with scope:
+                spin = self._idle_spinner()
                 if ssl_context is not None:
-                    tls = TLSTransport(sock, ssl_context)
+                    tls = TLSTransport(sock, ssl_context, idle_spin=spin)
                     transport = tls
                     try:
                         with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
@@ -349,7 +362,7 @@ class RelayServer:
                         return
                     self.stats.tls_versions[tls.tls_version or "unknown"] += 1
                 else:
-                    transport = SocketTransport(sock)
+                    transport = SocketTransport(sock, idle_spin=spin)
                 await self._serve_http(transport, remote, cfg, sibling_listener)
         except ProtocolError as e:
             self.stats.protocol_errors[e.reason] += 1
@@ -373,6 +386,21 @@ class RelayServer:
                         await transport.aclose()
                     except Exception:
                         sock.close()
+
+    @property
+    def idle_spin_counts(self) -> tuple[int, int]:
+        """(spins, spins ended by data) of this server's :class:`IdleSpin` so far."""
+        spin = self._idle_spin
+        return (spin.spins, spin.spins_ended_by_data) if spin is not None else (0, 0)
+
+    def _idle_spinner(self) -> IdleSpin | None:
+        """This server's :class:`IdleSpin`, added to the running trio loop on first use (None: off)."""
+        if self.idle_spin <= 0:
+            return None
+        if self._idle_spin is None:
+            self._idle_spin = IdleSpin(self.idle_spin)
+            trio.lowlevel.add_instrument(self._idle_spin)
+        return self._idle_spin
 
     async def _serve_http(
         self, transport: Transport, remote: tuple[str, int], cfg: RouteConfig, sibling_listener: bool = False
@@ -544,6 +572,7 @@ class RelayServer:
                     log.info("client %s rejected: %s", client_key.text(), decision.detail or decision.reject)
                     return  # closed silently, no ServerInfo (as derper)
         not_ideal = ideal_node is not None and ideal_node != self.hostname
+        transport.enable_idle_spin()  # a DERP client now: its packets are worth a short spin
         conn = ClientConn(
             self,
             transport,

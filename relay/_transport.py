@@ -12,6 +12,16 @@ ciphertext with ``recv_into`` into a reused buffer, feeds it to the incoming BIO
 *every* complete record straight into the caller's buffer with no await per record. Each
 ``send_all`` is one ``SSLObject.write`` plus one socket send loop.
 
+**Reads** go through :class:`_SocketReader`, not ``trio.socket``'s ``recv_into``: one schedule
+point per call (``wait_readable`` right away when the last read emptied the socket, else a
+checkpoint and the read), instead of a failing ``recv``, an exception and two scheduler passes
+for every small packet. Writes stay on ``trio.socket`` (``send_all``) or go straight to the
+kernel (``send_nowait``, the writer-idle fast path of ``_sclient``).
+
+**Idle spin.** :class:`IdleSpin` is a trio instrument the server installs once: before trio
+sleeps it polls the client sockets for up to :data:`IDLE_SPIN_SECONDS`, while traffic is
+interactive, because waking a sleeping process costs more than a relay hop (see its docstring).
+
 **Concurrency contract.** At most one task receives and at most one task sends at a time; one
 receiver and one sender may run concurrently (the reader/writer loops of a client). The
 SSLObject is shared, which is safe because trio runs everything on one thread and no SSL call
@@ -32,16 +42,21 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
+import select
 import socket as _stdlib_socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 import trio
 
 __all__ = [
+    "IDLE_SPIN_SECONDS",
     "TLS_READ_SIZE",
+    "IdleSpin",
     "SocketTransport",
     "TLSTransport",
     "Transport",
@@ -53,6 +68,12 @@ log = logging.getLogger(__name__)
 
 TLS_READ_SIZE: Final = 64 << 10
 """Bytes of ciphertext read from the socket per wakeup."""
+
+IDLE_SPIN_SECONDS: Final = 50e-6
+"""How long :class:`IdleSpin` polls the client sockets before trio sleeps, while traffic is interactive."""
+IDLE_SPIN_ACTIVE_WITHIN: Final = 200e-6
+"""Spin only if trio's previous run-loop pass (its sleep and the work after it) was shorter than
+this: the spin is likely to pay off, and a relay whose traffic is sparse never spins."""
 
 _KEEPALIVE_IDLE: Final = 600  # seconds (derper: 10 min keepalive)
 _USER_TIMEOUT_MS: Final = 15_000  # derper: TCP_USER_TIMEOUT 15 s
@@ -105,6 +126,12 @@ class Transport(Protocol):
         """Bytes accepted by :meth:`send_nowait` still wait for :meth:`send_all`."""
         ...
 
+    def enable_idle_spin(self) -> None:
+        """Let the :class:`IdleSpin` given at construction watch this connection from now on
+        (the server calls it once the connection is a DERP client). Idempotent; a no-op
+        without one."""
+        ...
+
     async def aclose(self) -> None:
         """Close the connection. Never hangs; idempotent."""
         ...
@@ -132,6 +159,88 @@ def configure_accepted_socket(sock: trio.socket.SocketType) -> None:
             log.debug("setsockopt(%d, %d, %d) failed: %s", level, name, value, e)
 
 
+class IdleSpin(trio.abc.Instrument):
+    """Poll the client sockets for a few microseconds before trio puts the process to sleep.
+
+    A relay hop for one small packet takes tens of microseconds, about as long as the peers
+    take to answer. When trio runs out of work it sleeps in ``epoll_wait``, and waking a
+    sleeping process (on a VM, a halted vCPU) costs more than the hop itself. Go's scheduler
+    avoids this by spinning briefly before it parks; this does the same for trio: a
+    :class:`trio.abc.Instrument` whose ``before_io_wait`` polls a level-triggered epoll set
+    of the connections' sockets for at most ``spin`` seconds and returns as soon as one is
+    readable, so trio's own ``epoll_wait`` then finds it without sleeping.
+
+    It only spins while traffic is interactive: when trio's previous pass through its run loop
+    (the previous sleep and the work after it) took less than ``active_within``. A quiet relay
+    sleeps at once, and a busy one never gets here (trio polls with a zero timeout while tasks
+    are runnable). A readable socket whose reader is paused on purpose (rate limit, a full
+    sibling link) only ends the spin early. The cost is CPU: at most ``spin`` per pass, and
+    only while passes are shorter than ``active_within``.
+
+    Sockets are added with :meth:`watch` and removed with :meth:`unwatch` (closing a socket
+    removes it too). Nothing here awaits or raises into trio; :meth:`close` releases the epoll.
+    """
+
+    def __init__(
+        self, spin: float = IDLE_SPIN_SECONDS, active_within: float = IDLE_SPIN_ACTIVE_WITHIN
+    ) -> None:
+        self.spin = spin
+        self.active_within = active_within
+        self._epoll = select.epoll()
+        self._fds: set[int] = set()
+        self._last_pass = -math.inf  # when trio last called before_io_wait
+        self.spins = 0  # before_io_wait calls that spun
+        self.spins_ended_by_data = 0  # ... and saw a socket become readable
+
+    @property
+    def watching(self) -> int:
+        """How many sockets are watched."""
+        return len(self._fds)
+
+    def watch(self, fd: int) -> None:
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except (OSError, ValueError) as e:  # closed already, or registered twice: no spin for it
+            log.debug("idle spin: cannot watch fd %d: %s", fd, e)
+        else:
+            self._fds.add(fd)
+
+    def unwatch(self, fd: int) -> None:
+        if fd not in self._fds:
+            return
+        self._fds.discard(fd)
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # closed already, which removed it
+
+    def close(self) -> None:
+        self._epoll.close()
+
+    def before_io_wait(self, timeout: float) -> None:
+        # Trio calls this once per run-loop pass (timeout 0 when tasks are runnable), so the
+        # time since the previous call is one pass: the last sleep plus the work after it.
+        clock = time.perf_counter
+        now = clock()
+        if (
+            timeout > 0
+            and now - self._last_pass < self.active_within
+            and self._fds
+            and not self._epoll.closed
+        ):
+            self.spins += 1
+            poll = self._epoll.poll
+            stop = now + min(self.spin, timeout)
+            while True:
+                if poll(0, 1):
+                    self.spins_ended_by_data += 1
+                    break
+                if clock() >= stop:
+                    break
+            now = clock()
+        self._last_pass = now
+
+
 def _peer_of(sock: trio.socket.SocketType) -> tuple[str, int]:
     try:
         addr = sock.getpeername()
@@ -149,19 +258,75 @@ def _checked_buffer(buf: memoryview) -> int:
     return n
 
 
+class _SocketReader:
+    """Reads from a non-blocking socket with one trio checkpoint per read, not two or three.
+
+    ``trio.socket``'s ``recv_into`` tries the read first and, when it would block, raises and
+    catches :class:`BlockingIOError` and then waits; after a successful read it adds a
+    checkpoint. For a relay hop carrying one small frame that is one useless ``recv`` system
+    call, an exception and two scheduler passes per wakeup. This reader remembers whether the
+    last read emptied the socket (it returned less than asked): if so it goes straight to
+    :func:`trio.lowlevel.wait_readable`; otherwise (a streaming peer) it passes one
+    :func:`trio.lowlevel.checkpoint` and reads at once. Either way every call passes exactly one
+    schedule point, so a busy connection cannot starve the others, and cancellation works as for
+    any trio receive: a cancelled call has read nothing.
+
+    ``is_closed`` is asked before each read: the raw descriptor must not be touched once the
+    owner closed the socket (the number may already belong to a new connection).
+    """
+
+    __slots__ = ("_drained", "_fd", "_is_closed", "_sock")
+
+    def __init__(self, sock: trio.socket.SocketType, is_closed: Callable[[], bool]) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._is_closed = is_closed
+        self._drained = False  # the last read returned less than asked: the socket is likely empty
+
+    async def receive_into(self, buf: memoryview) -> int:
+        """Read up to ``len(buf)`` bytes into ``buf``; 0 at EOF. Raises :class:`OSError` as the
+        socket does, or :class:`trio.ClosedResourceError` once closed."""
+        sock = self._sock
+        if self._drained and not self._is_closed():
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            await trio.lowlevel.checkpoint()
+        while True:
+            if self._is_closed():
+                raise trio.ClosedResourceError("transport is closed")
+            try:
+                n = os.readv(self._fd, (buf,))  # no allocation: straight into the caller's buffer
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            self._drained = n < len(buf)
+            return n
+
+
 class SocketTransport:
     """Plain TCP over a trio socket."""
 
     is_tls: Final = False
     tls_version: Final = None
 
-    def __init__(self, sock: trio.socket.SocketType, peer_address: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        peer_address: tuple[str, int] | None = None,
+        idle_spin: IdleSpin | None = None,
+    ) -> None:
         self._sock = sock
         self.peer_address = peer_address if peer_address is not None else _peer_of(sock)
         self._closed = False
         self._fd = sock.fileno()
+        self._idle_spin = idle_spin
+        self._spin_watched = False
+        self._reader = _SocketReader(sock, self._is_closed)
         self._sending = False  # a send_all is in progress (it may be waiting for the socket)
         self._backlog: bytes | memoryview = b""  # what send_nowait could not write at once
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -187,7 +352,7 @@ class SocketTransport:
     async def receive_into(self, buf: memoryview) -> int:
         _checked_buffer(buf)
         try:
-            return await self._sock.recv_into(buf)
+            return await self._reader.receive_into(buf)
         except OSError as e:
             if self._closed or e.errno == errno.EBADF:
                 raise trio.ClosedResourceError("transport is closed") from None
@@ -216,7 +381,15 @@ class SocketTransport:
         finally:
             self._sending = False
 
+    def enable_idle_spin(self) -> None:
+        if self._idle_spin is not None and not self._spin_watched and not self._closed:
+            self._spin_watched = True
+            self._idle_spin.watch(self._fd)
+
     async def aclose(self) -> None:
+        if self._spin_watched and not self._closed:
+            assert self._idle_spin is not None
+            self._idle_spin.unwatch(self._fd)
         self._closed = True
         self._sock.close()
         await trio.lowlevel.checkpoint()
@@ -236,8 +409,11 @@ class TLSTransport:
         sock: trio.socket.SocketType,
         ctx: ssl.SSLContext,
         peer_address: tuple[str, int] | None = None,
+        idle_spin: IdleSpin | None = None,
     ) -> None:
         self._sock = sock
+        self._idle_spin = idle_spin
+        self._spin_watched = False
         self.peer_address = peer_address if peer_address is not None else _peer_of(sock)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -253,8 +429,12 @@ class TLSTransport:
         self._send_waiters = trio.lowlevel.ParkingLot()
         self._send_broken = False  # a drain failed or was cancelled part-way
         self._closed = False
+        self._reader = _SocketReader(sock, self._is_closed)
         self._backlog: bytes | memoryview = b""  # ciphertext send_nowait could not write at once
         self.tls_version: str | None = None
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -267,6 +447,11 @@ class TLSTransport:
     @property
     def has_backlog(self) -> bool:
         return bool(self._backlog)
+
+    def enable_idle_spin(self) -> None:
+        if self._idle_spin is not None and not self._spin_watched and not self._closed:
+            self._spin_watched = True
+            self._idle_spin.watch(self._sock.fileno())
 
     def send_nowait(self, data: bytes) -> bool:
         if self._sending or self._backlog or self._send_broken or self._closed or not self._handshake_done:
@@ -297,7 +482,7 @@ class TLSTransport:
     async def _recv_ciphertext(self) -> None:
         """Read once from the socket into the incoming BIO (or mark it at EOF)."""
         try:
-            n = await self._sock.recv_into(self._raw_view)
+            n = await self._reader.receive_into(self._raw_view)
         except OSError as e:
             raise self._os_error(e, "receive") from e
         if n:
@@ -404,6 +589,7 @@ class TLSTransport:
         if not self._handshake_done:
             await self.handshake()
         read = self._read
+        obj, incoming = self._obj, self._incoming
         n = 0
         while True:
             if self._eof:
@@ -413,6 +599,11 @@ class TLSTransport:
                 try:
                     k = n = read(want, buf)
                     while k and n < want:
+                        if not incoming.pending and not obj.pending():
+                            # Nothing left to decrypt: the next read would only raise
+                            # SSLWantReadError (costly), so note that now.
+                            self._need_input = True
+                            break
                         k = read(want - n, buf[n:])
                         n += k
                     if not k:  # CPython's read returns 0 once the peer's close_notify is read
@@ -452,6 +643,9 @@ class TLSTransport:
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
+        if self._spin_watched:
+            assert self._idle_spin is not None
+            self._idle_spin.unwatch(self._sock.fileno())
         self._closed = True
         try:
             if self._handshake_done and not self._sending and not self._send_broken:

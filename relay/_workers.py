@@ -130,6 +130,7 @@ KILL_MARGIN: Final = 10.0  # after the drain, seconds before stragglers get SIGK
 SCRAPE_TIMEOUT: Final = 2.0
 MAX_SCRAPE_BYTES: Final = 32 << 20
 READY_LINE: Final = b"ready\n"
+SIBLING_READY_WAIT: Final = 3.0  # seconds a starting worker waits for its sibling links to come up
 
 
 class WorkerSpecError(Exception):
@@ -226,7 +227,26 @@ async def serve_worker(
     on_supervisor_gone: trio.CancelScope,
 ) -> None:
     """Start a worker's listeners, its sibling links and its private metrics in ``nursery``; tell
-    the supervisor once they serve. Cancels ``on_supervisor_gone`` if the supervisor goes away."""
+    the supervisor once they serve. Cancels ``on_supervisor_gone`` if the supervisor goes away.
+
+    The sibling links come first, and the client listeners only once every link is up (or after
+    :data:`SIBLING_READY_WAIT`, should a sibling be down): a client accepted earlier could not yet
+    reach the clients of the other workers. Connections arriving meanwhile wait in the backlog.
+    """
+    await nursery.start(
+        lambda task_status: server.serve_sockets(
+            [_adopt(spec.link_fd)], sibling_listener=True, task_status=task_status
+        )
+    )
+    links = [MeshPeer.to_sibling(server, link) for link in spec.siblings()]
+    for peer in links:
+        nursery.start_soon(peer.run, name=f"worker link {peer.name}")
+    with trio.move_on_after(SIBLING_READY_WAIT) as wait:
+        for peer in links:
+            await peer.first_connected.wait()
+    if wait.cancelled_caught:
+        down = [p.name for p in links if not p.first_connected.is_set()]
+        log.warning("worker %d: serving without links to %s (not up yet)", spec.index, ", ".join(down))
     await nursery.start(
         lambda task_status: server.serve_sockets(
             [_adopt(fd) for fd in spec.derp_fds], ssl_context=ssl_context, task_status=task_status
@@ -240,11 +260,6 @@ async def serve_worker(
         )
     for fd in spec.stun_fds:
         nursery.start_soon(_serve_socket, _adopt(fd), stun_stats)
-    await nursery.start(
-        lambda task_status: server.serve_sockets(
-            [_adopt(spec.link_fd)], sibling_listener=True, task_status=task_status
-        )
-    )
     if spec.metrics_fd is not None:
         registry = build_registry(server, stun_stats)
         metrics_sock = _adopt(spec.metrics_fd)
@@ -253,8 +268,6 @@ async def serve_worker(
                 None, 0, registry, sockets=[metrics_sock], task_status=task_status
             )
         )
-    for link in spec.siblings():
-        nursery.start_soon(MeshPeer.to_sibling(server, link).run, name=f"worker link {link.index}")
     nursery.start_soon(_watch_supervisor, on_supervisor_gone)
     os.write(1, READY_LINE)
     log.debug("worker %d of %d serving", spec.index, spec.count)

@@ -67,6 +67,9 @@ class WebSocketTransport:
     def send_nowait(self, data: bytes) -> bool:
         return False  # framing and the send lock make the writer task the only sender
 
+    def enable_idle_spin(self) -> None:
+        self.inner.enable_idle_spin()
+
     async def _send_raw(self, data: bytes) -> None:
         async with self._send_lock:
             await self.inner.send_all(data)

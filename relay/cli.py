@@ -95,6 +95,7 @@ async def run(cfg: RelayConfig, key: NodePrivateKey, worker: WorkerSpec | None =
         accept_connection_limit=cfg.accept_connection_limit,
         accept_connection_burst=cfg.accept_connection_burst,
         sibling_secret=worker.link_secret if worker is not None else None,
+        idle_spin=cfg.idle_spin,
     )
     ssl_context = _make_ssl_context(cfg, key) if cfg.tls else None
     stun_stats = StunStats()

@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from relay._tls import build_server_context, make_meta_certificate
 from relay._transport import (
+    IdleSpin,
     SocketTransport,
     TLSTransport,
     Transport,
@@ -500,3 +502,214 @@ async def test_send_nowait_keeps_order_when_the_kernel_takes_only_part(
     assert server.send_nowait(b"after")  # idle again: the fast path is open
     with trio.fail_after(DEADLINE):
         assert await receive_exactly(receive, 5) == b"after"
+
+
+# -- receive_into: one schedule point per call ------------------------------------------------------
+
+
+async def _wait_until_readable_by_kernel(sock: trio.socket.SocketType) -> None:
+    """Return once the kernel reports the socket readable (the client's bytes have arrived)."""
+    with trio.fail_after(DEADLINE):
+        await trio.lowlevel.wait_readable(sock)
+
+
+@pytest.mark.parametrize("drained", [False, True], ids=["streaming", "after-partial-read"])
+async def test_plain_receive_is_a_checkpoint_even_when_data_is_ready(pair: Pair, drained: bool) -> None:
+    """Whether the last read filled the buffer or not, a receive with bytes already waiting
+    is still a schedule point (fairness between connections), and returns them all."""
+    server = SocketTransport(pair.server_sock)
+    buf = memoryview(bytearray(100))
+    if drained:
+        await pair.client.send_all(b"x")
+        assert await server.receive_into(buf) == 1  # less than asked: the socket is now empty
+    await pair.client.send_all(b"ready")
+    await _wait_until_readable_by_kernel(pair.server_sock)
+    with trio.testing.assert_checkpoints():
+        assert await server.receive_into(buf) == 5
+    assert bytes(buf[:5]) == b"ready"
+    await server.aclose()
+
+
+@pytest.mark.parametrize("drained", [False, True], ids=["streaming", "after-partial-read"])
+async def test_plain_cancelled_receive_reads_nothing(pair: Pair, drained: bool) -> None:
+    server = SocketTransport(pair.server_sock)
+    buf = memoryview(bytearray(100))
+    if drained:
+        await pair.client.send_all(b"x")
+        assert await server.receive_into(buf) == 1
+    await pair.client.send_all(b"kept")
+    await _wait_until_readable_by_kernel(pair.server_sock)
+    with trio.CancelScope() as cs:
+        cs.cancel()
+        await server.receive_into(buf)
+    assert cs.cancelled_caught
+    with trio.fail_after(DEADLINE):
+        assert await server.receive_into(buf) == 4  # the cancelled call consumed nothing
+    assert bytes(buf[:4]) == b"kept"
+    await server.aclose()
+
+
+async def test_plain_receive_waits_for_data_after_a_partial_read(pair: Pair) -> None:
+    """After a read that emptied the socket the next receive parks until bytes arrive (no busy
+    loop), then returns them."""
+    server = SocketTransport(pair.server_sock)
+    buf = memoryview(bytearray(100))
+    await pair.client.send_all(b"a")
+    assert await server.receive_into(buf) == 1
+    got: list[bytes] = []
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as n:
+
+            async def reader() -> None:
+                k = await server.receive_into(buf)
+                got.append(bytes(buf[:k]))
+
+            n.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # parked in wait_readable
+            await pair.client.send_all(b"later")
+    assert got == [b"later"]
+    await server.aclose()
+
+
+async def test_tls_many_small_records_with_a_large_buffer(
+    pair: Pair, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    """Records of one ~100 B frame each, read with a large buffer: every byte arrives in order
+    (the reader stops decrypting when OpenSSL holds nothing more, without a failed read), and a
+    receive after the last record parks until the next one."""
+    server, client = await tls_pair(pair, server_ctx, client_ctx)
+    frames = [payload(137, seed=i) for i in range(50)]
+    want = b"".join(frames)
+    buf = memoryview(bytearray(65536))
+    got = bytearray()
+    with trio.fail_after(DEADLINE):
+        for f in frames:
+            await client.send_all(f)
+        while len(got) < len(want):
+            n = await server.receive_into(buf)
+            assert n > 0
+            got += buf[:n]
+        assert got == want
+        async with trio.open_nursery() as nursery:
+
+            async def read_one() -> None:
+                n = await server.receive_into(buf)
+                got[:] = buf[:n]
+
+            nursery.start_soon(read_one)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.send_all(b"next")
+    assert got == b"next"
+    await server.aclose()
+
+
+# -- IdleSpin ----------------------------------------------------------------------------------------
+
+
+def test_idle_spin_ends_as_soon_as_a_watched_socket_is_readable() -> None:
+    a, b = socket.socketpair()
+    spin = IdleSpin(spin=30.0, active_within=1.0)
+    with a, b:
+        spin.watch(a.fileno())
+        spin.before_io_wait(0.0)  # a pass of trio's loop just now: traffic is interactive
+        b.send(b"x")
+        spin.before_io_wait(30.0)  # would take 30 s if it missed the readable socket
+        assert (spin.spins, spin.spins_ended_by_data) == (1, 1)
+    spin.close()
+
+
+def test_idle_spin_gives_up_after_its_budget_when_nothing_arrives() -> None:
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    spin = IdleSpin(spin=0.002, active_within=1.0)
+    with a, b, c, d:
+        spin.watch(a.fileno())
+        spin.watch(c.fileno())
+        spin.before_io_wait(0.0)
+        spin.before_io_wait(30.0)
+        assert (spin.spins, spin.spins_ended_by_data) == (1, 0)
+        spin.unwatch(a.fileno())
+        b.send(b"x")  # readable, but no longer watched
+        spin.before_io_wait(0.0)
+        spin.before_io_wait(30.0)
+        assert (spin.spins, spin.spins_ended_by_data) == (2, 0)
+        assert spin.watching == 1
+    spin.close()
+
+
+def test_idle_spin_does_not_spin_when_quiet_or_busy() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        spin = IdleSpin(spin=30.0, active_within=30.0)
+        spin.watch(a.fileno())
+        spin.before_io_wait(30.0)  # the first pass: nothing says traffic is interactive
+        spin.before_io_wait(0.0)  # trio will not sleep at all: nothing to save
+        assert spin.spins == 0
+        spin.close()
+        spin.before_io_wait(30.0)  # closed: never spins
+        spin.unwatch(a.fileno())  # and forgets quietly
+        assert spin.spins == 0
+        quiet = IdleSpin(spin=30.0, active_within=0.0)  # every pass counts as too long ago
+        quiet.watch(a.fileno())
+        quiet.before_io_wait(0.0)
+        quiet.before_io_wait(30.0)
+        assert quiet.spins == 0
+        quiet.close()
+    unwatched = IdleSpin(spin=30.0, active_within=30.0)  # no DERP client: nothing to wait for
+    unwatched.before_io_wait(0.0)
+    unwatched.before_io_wait(30.0)
+    assert unwatched.spins == 0
+    unwatched.close()
+
+
+async def test_idle_spin_watches_transports_from_enable_until_closed(server_ctx: ssl.SSLContext) -> None:
+    """Transports given an IdleSpin register their socket when enabled (once) and remove it on
+    aclose; without one, enabling does nothing."""
+    spin = IdleSpin()
+    a, b = socket.socketpair()
+    with a, b:
+        plain = SocketTransport(trio.socket.from_stdlib_socket(a), idle_spin=spin)
+        assert spin.watching == 0  # not before the connection is a DERP client
+        plain.enable_idle_spin()
+        plain.enable_idle_spin()
+        assert spin.watching == 1
+        await plain.aclose()
+        await plain.aclose()
+        assert spin.watching == 0
+    a, b = socket.socketpair()
+    with a, b:
+        tls = TLSTransport(trio.socket.from_stdlib_socket(a), server_ctx, idle_spin=spin)
+        tls.enable_idle_spin()
+        assert spin.watching == 1
+        await tls.aclose()
+        assert spin.watching == 0
+    a, b = socket.socketpair()
+    with a, b:
+        alone = SocketTransport(trio.socket.from_stdlib_socket(a))
+        alone.enable_idle_spin()
+        await alone.aclose()
+    assert spin.watching == 0
+    spin.close()
+
+
+async def test_idle_spin_as_a_trio_instrument_ends_on_client_bytes() -> None:
+    """Installed in trio, the spin runs while trio would sleep and stops when a client's bytes
+    arrive (sent from a thread, so trio is really idle meanwhile)."""
+    a, b = socket.socketpair()
+    spin = IdleSpin(spin=0.05, active_within=30.0)
+    server = SocketTransport(trio.socket.from_stdlib_socket(a), idle_spin=spin)
+    server.enable_idle_spin()
+    trio.lowlevel.add_instrument(spin)
+    try:
+        with b, trio.fail_after(DEADLINE):
+            buf = memoryview(bytearray(100))
+            for _ in range(20):
+                async with trio.open_nursery() as n:
+                    n.start_soon(trio.to_thread.run_sync, b.sendall, b"ping")
+                    assert await server.receive_into(buf) == 4
+        assert spin.spins_ended_by_data >= 1
+    finally:
+        trio.lowlevel.remove_instrument(spin)
+        await server.aclose()
+        spin.close()
