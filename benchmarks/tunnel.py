@@ -97,7 +97,55 @@ def _bare(lab: Any, mesh: Any, seconds: int) -> float:
             proc.stop(timeout=10)
 
 
-def _meshnode(lab: Any, mesh: Any, seconds: int, want: str) -> float:
+def _udp_errors(lab: Any, host: str) -> dict[str, int]:
+    """The namespace's UDP counters that mean a lost datagram (socket buffers full, and so on)."""
+    lines = [ln.split() for ln in lab.run(host, ["cat", "/proc/net/snmp"]).stdout.splitlines()]
+    names, values = [ln for ln in lines if ln and ln[0] == "Udp:"][:2]
+    udp = dict(zip(names[1:], map(int, values[1:]), strict=True))
+    return {k: udp.get(k, 0) for k in ("RcvbufErrors", "SndbufErrors", "InErrors")}
+
+
+def _socket_drops(lab: Any, host: str, labels: dict[int, str]) -> dict[str, int]:
+    """Per-socket drop counters (/proc/net/udp's last column) of the host's UDP sockets that have any,
+    named by ``labels`` (port → what the socket is)."""
+    out: dict[str, int] = {}
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in lab.run(host, ["cat", path]).stdout.splitlines()[1:]:
+            fields = line.split()
+            port, drops = int(fields[1].rsplit(":", 1)[1], 16), int(fields[-1])
+            if drops:
+                name = labels.get(port, f"port {port}")
+                out[name] = out.get(name, 0) + drops
+    return out
+
+
+def _drops(lab: Any, mesh: Any, before: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Where datagrams were lost during one meshnode run: between the proxies (sent by one node's
+    proxy, not delivered to the other's engine), in natlib's counters, and in the kernel's."""
+    out: dict[str, Any] = {}
+    status = {name: mesh.status(name) for name in mesh.nodes}
+    for name, other in (("alpha", "beta"), ("beta", "alpha")):
+        sent = status[name]["proxies"][other]["to_peer_packets"]
+        delivered = status[other]["proxies"][name]["to_engine_packets"]
+        conn = status[other]["conn"]
+        host = mesh.nodes[other][0]
+        kernel = _udp_errors(lab, host)
+        labels = {status[other]["node"]["engine_port"]: "wireguard-go"}
+        out[f"{name}->{other}"] = {
+            "sent": sent,
+            "delivered": delivered,
+            "lost": sent - delivered,
+            "receive_queue_full": conn["data_dropped_receive_queue_full"],
+            "to_engine_dropped": status[other]["proxies"][name]["to_engine_dropped"],
+            "udp_send_errors": status[name]["conn"]["udp_send_errors"],
+            "via_relay": status[name]["conn"]["paths"]["datagrams_relay"],
+            "kernel_udp_errors_at_receiver": {k: v - before[host][k] for k, v in kernel.items()},
+            "socket_drops_at_receiver": _socket_drops(lab, host, labels),
+        }
+    return out
+
+
+def _meshnode(lab: Any, mesh: Any, seconds: int, want: str, drops: list[dict[str, Any]]) -> float:
     for name in mesh.nodes:
         mesh.start_node(name)
     try:
@@ -109,7 +157,10 @@ def _meshnode(lab: Any, mesh: Any, seconds: int, want: str) -> float:
             lab.run("a1", ["ping", "-c", "1", "-W", "1", mesh.overlay("beta")], check=False)  # traffic
             time.sleep(0.5)  # polling the daemon's state, with a deadline
         lab.run("a1", ["ping", "-c", "1", "-w", "10", mesh.overlay("beta")], timeout=20)
-        return _iperf(lab, mesh, seconds)
+        before = {host: _udp_errors(lab, host) for host, _ in mesh.nodes.values()}
+        bps = _iperf(lab, mesh, seconds)
+        drops.append({"path": want, **_drops(lab, mesh, before)})
+        return bps
     finally:
         for name in list(mesh.procs):
             mesh.stop_node(name)
@@ -133,16 +184,17 @@ def run(seconds: int, reps: int) -> dict[str, Any]:
 
     topology = Topology(sites=Topology.parse("a=none,b=none").sites, servers=(ServerSpec(RELAY_SERVER),))
     runs: dict[str, list[float]] = {"bare": [], "direct": [], "relay": []}
+    drops: list[dict[str, Any]] = []
     with Lab(topology) as lab:
         mesh = MeshLab(lab, NODES)
         mesh.start_relay()
         mesh.write_files()
         for rep in range(reps):
             runs["bare"].append(_bare(lab, mesh, seconds))
-            runs["direct"].append(_meshnode(lab, mesh, seconds, "direct"))
+            runs["direct"].append(_meshnode(lab, mesh, seconds, "direct", drops))
             _block_direct_udp(lab, True)
             try:
-                runs["relay"].append(_meshnode(lab, mesh, seconds, "relay"))
+                runs["relay"].append(_meshnode(lab, mesh, seconds, "relay", drops))
             finally:
                 _block_direct_udp(lab, False)
             print(
@@ -150,7 +202,7 @@ def run(seconds: int, reps: int) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
-        mesh.stop_relay()
+        mesh.stop_relay(stun=True)
     medians = {k: statistics.median(v) for k, v in runs.items()}
     return {
         "benchmark": "tunnel",
@@ -162,6 +214,7 @@ def run(seconds: int, reps: int) -> dict[str, Any]:
         "ratio_to_bare": {k: round(medians[k] / medians["bare"], 3) for k in ("direct", "relay")},
         "goal_direct_ratio": 0.5,
         "goal_met": medians["direct"] / medians["bare"] >= 0.5,
+        "drops": drops,
     }
 
 

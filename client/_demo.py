@@ -1,7 +1,8 @@
 """``meshnode demo``: a relay and three nodes behind different NATs, in a throwaway lab (root).
 
 It builds a :mod:`natlib.testing` lab: a relay on a public server host (``python -m relay``, TLS
-with a self-signed certificate pinned in the DERPMap, STUN), node ``alpha`` behind an easy NAT,
+with a self-signed certificate pinned in the DERPMap, and the lab's STUN server on both of the
+host's addresses), node ``alpha`` behind an easy NAT,
 ``beta`` behind a hard NAT and ``gamma`` behind a NAT that blocks UDP. It writes the mesh file and
 the three key files into the lab's directory, starts ``meshnode up`` in each node's namespace,
 pings every pair over the overlay, prints each node's path table, then tears everything down
@@ -32,6 +33,7 @@ NODES: Final = {"alpha": ("a1", "easy"), "beta": ("b1", "hard"), "gamma": ("c1",
 DEMO_TOPOLOGY: Final = "a=easy,b=hard,c=udp_blocked"
 RELAY_SERVER: Final = "relay"
 REGION_ID: Final = 900
+STUN_PORT: Final = 3478
 _ROOT: Final = Path(client.__file__).resolve().parents[1]
 _ENV: Final = {"PYTHONPATH": str(_ROOT)}
 
@@ -54,21 +56,33 @@ class MeshLab:
         self.keys = {name: NodeKeys.generate() for name in self.nodes}
         self.procs: dict[str, Any] = {}
         self.relay: Any = None
+        self.stun: Any = None
 
     # --- the relay ------------------------------------------------------------------------------
 
     def start_relay(self) -> None:
-        """Start (or restart) the relay; the first start writes the DERPMap with its cert pin."""
+        """Start (or restart) the relay; the first start writes the DERPMap with its cert pin.
+
+        STUN comes from the lab's STUN server on each of the server's addresses (started once,
+        it survives relay restarts): two STUN addresses let every node tell whether its NAT's
+        mapping varies by destination, which decides its side in birthday probing (hard↔easy
+        direct). The relay's own STUN socket is bound to the wildcard address and would answer a
+        query to the second address from the first.
+        """
         host = self.lab.host(RELAY_SERVER)
+        if self.stun is None:
+            from natlib.testing import start_stun_server
+
+            self.stun = start_stun_server(self.lab, RELAY_SERVER, ports=(STUN_PORT,))
         relay_dir = self.workdir / "relay"
         argv = [
             sys.executable, "-m", "relay", "-a", ":443", "-certmode", "manual",
             "-certdir", str(relay_dir / "certs"), "-hostname", host.ipv4[0],
-            "-c", str(relay_dir / "derper.key"), "-stun-port", "3478", "-metrics-addr=off",
+            "-c", str(relay_dir / "derper.key"), "-stun=false", "-metrics-addr=off",
         ]  # fmt: skip
         self.relay = self.lab.spawn(RELAY_SERVER, argv, name="relay", env=_ENV)
-        self.relay.wait_for_output(r"STUN server listening", timeout=30)
         node = json.loads(self.relay.wait_for_output(r"^\s*(\{.*sha256-raw:.*\})\s*$", timeout=30).group(1))
+        self.relay.wait_for_output(r"serving DERP on", timeout=30)
         derp_map = {
             "Regions": {
                 str(REGION_ID): {
@@ -82,15 +96,33 @@ class MeshLab:
                             "HostName": host.ipv4[0],
                             "IPv4": host.ipv4[0],
                             "CertName": node["CertName"],
-                            "STUNPort": 3478,
-                        }
+                            "STUNPort": STUN_PORT,
+                        },
+                        *(
+                            [
+                                {
+                                    "Name": f"{REGION_ID}b",
+                                    "RegionID": REGION_ID,
+                                    "HostName": host.ipv4[1],
+                                    "IPv4": host.ipv4[1],
+                                    "STUNPort": STUN_PORT,
+                                    "STUNOnly": True,
+                                }
+                            ]
+                            if len(host.ipv4) > 1
+                            else []
+                        ),
                     ],
                 }
             }
         }
         (self.workdir / "derpmap.json").write_text(json.dumps(derp_map, indent=2) + "\n")
 
-    def stop_relay(self) -> None:
+    def stop_relay(self, *, stun: bool = False) -> None:
+        """Stop the relay (and with ``stun=True`` the STUN server too)."""
+        if stun and self.stun is not None:
+            self.stun.stop()
+            self.stun = None
         if self.relay is not None:
             self.relay.stop(timeout=10)
             self.relay = None
@@ -179,7 +211,7 @@ def run_demo() -> int:
     """The README's demo; returns the exit status (0: every pair pinged, 1: a failure, explained)."""
     from natlib.testing import LabError, missing_tools
 
-    missing = missing_tools() + [t for t in ("wireguard-go", "nft") if shutil.which(t) is None]
+    missing = missing_tools() + [t for t in ("wireguard-go",) if shutil.which(t) is None]
     if missing:
         _write(f"meshnode demo: missing tools: {', '.join(missing)} (see .ci/netlab-deps.sh)\n")
         return 1
@@ -215,6 +247,6 @@ def _run_demo() -> int:
         _write(mesh.meshnode("alpha", "ping", "beta", "--count", "5", check=False).stdout)
         for name in list(mesh.procs):
             mesh.stop_node(name)
-        mesh.stop_relay()
+        mesh.stop_relay(stun=True)
     _write("\nlab torn down\n" if not failures else f"\n{failures} pairs failed; lab torn down\n")
     return 0 if not failures else 1

@@ -8,11 +8,11 @@ below, so tests can drive the proxies and the daemon with an in-memory connectio
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from natlib.keys import DiscoPublicKey, NodePublicKey
 
-__all__ = ["DatagramConn", "MeshConn", "PathView", "PingView"]
+__all__ = ["BurstReceiver", "DatagramConn", "MeshConn", "PathView", "PingView"]
 
 
 class PathView(Protocol):
@@ -54,6 +54,14 @@ class DatagramConn(Protocol):
     async def send(self, node_key: NodePublicKey, datagram: bytes) -> None: ...
 
     async def receive(self) -> tuple[NodePublicKey, bytes]: ...
+
+
+@runtime_checkable
+class BurstReceiver(Protocol):
+    """A connection that can also hand over what is already waiting without awaiting (natlib's
+    ``Conn.receive_nowait``): the proxies drain a burst per wake-up with it."""
+
+    def receive_nowait(self) -> tuple[NodePublicKey, bytes] | None: ...
 
 
 class MeshConn(DatagramConn, Protocol):

@@ -32,7 +32,7 @@ from natlib.conn import UnknownPeerError
 from natlib.keys import NodePublicKey
 
 from ._endpoint import Endpoint
-from ._meshconn import DatagramConn
+from ._meshconn import BurstReceiver, DatagramConn
 
 __all__ = [
     "LOOPBACK",
@@ -130,20 +130,32 @@ class LoopbackProxies:
 
     async def _peers_to_engine(self, conn: DatagramConn) -> None:
         engine = (LOOPBACK, self.engine_port)
+        drain = conn.receive_nowait if isinstance(conn, BurstReceiver) else None
         while True:
-            peer, datagram = await conn.receive()
-            sock = self._sockets.get(peer)
-            if sock is None:
-                self.unknown_peer_dropped += 1
-                continue
-            counters = self._counters[peer]
-            try:
-                sock.sendto(datagram, engine)
-            except BlockingIOError:
-                counters.to_engine_dropped += 1  # the engine is not keeping up: lost, like on a wire
-                continue
-            counters.to_engine_packets += 1
-            counters.to_engine_bytes += len(datagram)
+            item: tuple[NodePublicKey, bytes] | None = await conn.receive()
+            # What else is already waiting goes out in the same wake-up (bounded, then yield).
+            for _ in range(READ_BATCH):
+                if item is None:
+                    break
+                self._to_engine(engine, *item)
+                item = drain() if drain is not None else None
+            else:
+                if item is not None:
+                    self._to_engine(engine, *item)
+
+    def _to_engine(self, engine: tuple[str, int], peer: NodePublicKey, datagram: bytes) -> None:
+        sock = self._sockets.get(peer)
+        if sock is None:
+            self.unknown_peer_dropped += 1
+            return
+        counters = self._counters[peer]
+        try:
+            sock.sendto(datagram, engine)
+        except BlockingIOError:
+            counters.to_engine_dropped += 1  # the engine is not keeping up: lost, like on a wire
+            return
+        counters.to_engine_packets += 1
+        counters.to_engine_bytes += len(datagram)
 
 
 def _open_socket() -> socket.socket:

@@ -7,6 +7,9 @@
     per-peer loopback proxies (client._proxy) between the two; the engine's peers point at them
     control socket (client._control): status, ping, shutdown
 
+natlib is told to leave the overlay out (:func:`overlay_exclusions`: the interface and every
+node's allowed IPs), so no peer ever takes a "direct" path through the tunnel itself.
+
 Every node derives the same configuration from the shared mesh file, and there is no coordination
 server to tell a node where its peers' relays are, so every node uses the relay map's first
 region as its home and as every peer's home: the region where all nodes meet.
@@ -47,7 +50,7 @@ from ._meshconn import MeshConn, PathView
 from ._proxy import LoopbackProxies, open_loopback_proxies
 from ._status import PeerTable
 from .engine import Engine, EngineError, InterfaceConfig, open_wireguard_go
-from .engine._base import check_ifname, run_command
+from .engine._base import check_ifname
 from .keyfile import NodeKeys, read_key_file
 from .meshfile import MeshFile, MeshFileError, MeshNode, RelayMap, load_mesh_file
 from .uapi import SetRequest
@@ -63,6 +66,7 @@ __all__ = [
     "LoadedConfig",
     "default_ifname",
     "load_config",
+    "overlay_exclusions",
     "relay_derp_map",
     "run_daemon",
 ]
@@ -97,7 +101,6 @@ class DaemonOptions:
     port: int = 0  # natlib's UDP port (0: any)
     engine_port: int = 0  # wireguard-go's UDP port, used on loopback only (0: any)
     open_conn_options: Mapping[str, Any] = field(default_factory=dict)
-    loop_guard: bool = True  # see _overlay_loop_guard
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,17 @@ def relay_derp_map(relay_map: RelayMap) -> DERPMap:
         )
         regions[region.region_id] = DERPRegion(region.region_id, region.code, region.name, nodes=nodes)
     return DERPMap(regions=regions)
+
+
+def overlay_exclusions(mesh: MeshFile, ifname: str) -> dict[str, Any]:
+    """natlib's options that keep the overlay out of its candidates (see natlib.conn.open_conn).
+
+    The overlay interface and everything WireGuard routes into it (every node's overlay addresses
+    and subnet routes) reach peers *through* natlib: a "direct" path there would be the tunnel
+    inside itself, each datagram encapsulated again until the MTU runs out.
+    """
+    prefixes = dict.fromkeys(str(net) for node in mesh.nodes for net in node.allowed_ips)
+    return {"exclude_interfaces": (ifname,), "exclude_prefixes": tuple(prefixes)}
 
 
 def load_config(mesh_path: Path, key_path: Path) -> LoadedConfig:
@@ -303,40 +317,6 @@ def _address(address: Any) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _overlay_loop_guard(ifname: str, conn: MeshConn) -> AsyncIterator[None]:
-    """Keep natlib's own UDP datagrams out of the overlay interface, with one nftables rule.
-
-    natlib gathers every interface address as a candidate, the overlay's too; a peer that tried
-    that candidate would send the tunnel's datagrams into the tunnel (each one re-encapsulated
-    until the MTU runs out). Until natlib leaves the overlay out (see the report), the daemon
-    drops UDP from natlib's port leaving through the overlay interface. Without ``nft``, or for
-    a connection without ``local_port``, it only warns. The rule's table is removed on exit.
-    """
-    port = getattr(conn, "local_port", None)
-    table = "meshnode_" + ifname.replace("-", "_").replace(".", "_")
-    installed = False
-    if isinstance(port, int):
-        rules = (
-            f"table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n"
-            f'    oifname "{ifname}" udp sport {port} drop\n  }}\n}}\n'
-        )
-        try:
-            await run_command(["nft", "-f", "-"], input=rules.encode())
-            installed = True
-        except EngineError as e:
-            logger.warning("cannot keep natlib's datagrams out of %s (%s): paths may loop", ifname, e)
-    try:
-        yield
-    finally:
-        if installed:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await run_command(["nft", "delete", "table", "inet", table])
-                except EngineError as e:
-                    logger.warning("cannot remove nftables table %s: %s", table, e)
-
-
-@contextlib.asynccontextmanager
 async def _open_default_engine(ifname: str, interface: InterfaceConfig) -> AsyncIterator[Engine]:
     async with open_wireguard_go(ifname, interface) as engine:
         yield engine
@@ -404,7 +384,11 @@ async def _run(
     if open_engine is None:
         open_engine = _open_default_engine
     meeting_region = mesh.relay_map.regions[0].region_id
-    conn_options: dict[str, Any] = {"port": options.port, "home_region": meeting_region}
+    conn_options: dict[str, Any] = {
+        "port": options.port,
+        "home_region": meeting_region,
+        **overlay_exclusions(mesh, ifname),
+    }
     if me.endpoints:
         conn_options["static_endpoints"] = tuple((str(e.ip), e.port) for e in me.endpoints)
     conn_options.update(options.open_conn_options)
@@ -413,10 +397,7 @@ async def _run(
         # The engine picks its port first: the proxies must know where to deliver.
         await engine.configure(SetRequest(private_key=keys.node_key, listen_port=options.engine_port))
         engine_port = (await engine.stats()).listen_port
-        async with (
-            open_conn(keys.node_key, keys.disco_key, config.derp_map, **conn_options) as conn,
-            contextlib.AsyncExitStack() as stack,
-        ):
+        async with open_conn(keys.node_key, keys.disco_key, config.derp_map, **conn_options) as conn:
             peers = mesh.peers_of(me.node_key)
             for peer in peers:
                 conn.add_peer(
@@ -425,8 +406,6 @@ async def _run(
                     meeting_region,
                     endpoints=tuple((str(e.ip), e.port) for e in peer.endpoints),
                 )
-            if options.loop_guard:
-                await stack.enter_async_context(_overlay_loop_guard(ifname, conn))
             daemon = _Daemon(config, ifname, engine, conn)
             daemon.engine_port = engine_port
             async with open_loopback_proxies(conn, [p.node_key for p in peers], engine_port) as proxies:

@@ -54,7 +54,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import disco
 from ._conn_birthday import BirthdayRun
 from .birthday import EasySidePlan, HardSidePlan
-from .candidates import Candidate, Gatherer, GatherReport, StunResultLike, port_mapper_source
+from .candidates import (
+    AddressFilter,
+    Candidate,
+    Gatherer,
+    GatherReport,
+    IPNetwork,
+    StunResultLike,
+    port_mapper_source,
+)
 from .derp import RecvPacket, Restarting
 from .derphttp import DerpClient, DerpConnectError, DerpConnectionClosed, connect
 from .derpmap import DERPMap, DERPNode, DERPRegion
@@ -113,6 +121,18 @@ REDIAL_MIN_GAP: Final = 1.0
 """Relay connections are redialled on suspicion (a send error) at most this often."""
 _LINK_ERRNOS: Final = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.ENETDOWN})
 _TIMER_SLACK: Final = 0.005
+SOCKET_BUFFER_BYTES: Final = 4 << 20
+"""Requested send and receive buffer of each UDP socket (forced past net.core.*mem_max as root):
+a burst of WireGuard datagrams must wait in the kernel, not be dropped, while the loop is busy."""
+READ_BATCH: Final = 256
+"""Datagrams read from one UDP socket per wake-up (under trio) before other tasks run."""
+SEND_YIELD_EVERY: Final = 64
+"""A :meth:`Conn.send` is always a cancellation point but yields to the scheduler only this often
+(the caller, a proxy reading its own socket in batches, yields at its own waits)."""
+_SEND_TIMER_SLACK: Final = 0.02
+"""A send skips re-reading its peer's deadline when the timer wakes within this anyway."""
+_MAX_UDP: Final = 65535
+_ADDR_CACHE_MAX: Final = 4096
 RELAY_PLACEHOLDER_IP: Final = ipaddress.IPv4Address("127.3.3.40")
 """The "source" a pong over the relay carries (Tailscale's magic DERP IP; the port is the region)."""
 
@@ -233,18 +253,28 @@ def _derp_urls(node: DERPNode, tls: bool) -> list[str]:
     return [f"{scheme}://{f'[{h}]' if ':' in h else h}:{port}/derp" for h in hosts]
 
 
+_PIN_PREFIX: Final = "sha256-raw:"
+
+
 def _tls_context(node: DERPNode) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
-    if node.insecure_for_tests or node.cert_name.startswith("sha256-raw:"):
-        # Test relays and pinned self-signed ones (the pin itself is not checked here; disco and
-        # WireGuard are end-to-end, and the DERP handshake authenticates the relay's key).
+    if node.insecure_for_tests or node.cert_name.startswith(_PIN_PREFIX):
+        # Test relays, and pinned self-signed ones (the pin, checked by derphttp.connect, replaces
+        # the CA check).
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 
+def _cert_pin(node: DERPNode) -> bytes | None:
+    """The leaf certificate's SHA-256 a ``sha256-raw:<hex>`` CertName pins (ValueError if malformed)."""
+    if not node.cert_name.startswith(_PIN_PREFIX):
+        return None
+    return bytes.fromhex(node.cert_name[len(_PIN_PREFIX) :])
+
+
 def _server_name(node: DERPNode) -> str:
-    pinned = node.cert_name.startswith("sha256-raw:")
+    pinned = node.cert_name.startswith(_PIN_PREFIX)
     return node.cert_name if node.cert_name and not pinned else node.host_name
 
 
@@ -315,6 +345,7 @@ class _Region:
                         ssl_context=_tls_context(node) if self.conn._derp_tls else None,
                         server_hostname=_server_name(node) if self.conn._derp_tls else None,
                         connect_timeout=self.conn._derp_connect_timeout,
+                        cert_sha256=_cert_pin(node) if self.conn._derp_tls else None,
                     )
                 except (DerpConnectError, OSError, ValueError) as e:
                     log.debug("region %d: %s: %s", self.region.region_id, url, e)
@@ -415,6 +446,17 @@ class Conn:
         self.last_gather: GatherReport | None = None
         self._portmap_retries = 0
         self._last_redial: float | None = None
+        self.exclude = AddressFilter()
+        # Parsed source addresses and formatted destinations: ipaddress parsing and str() are the
+        # dearest steps of a datagram otherwise (bounded: cleared when full).
+        self._addr_cache: dict[tuple[str, int], AddrPort] = {}
+        # Where a datagram to an address goes (socket, sockaddr); cleared when _routes changes.
+        self._udp_targets: dict[AddrPort, tuple[socket.socket, tuple[str, int]]] = {}
+        # Data fast path: recvfrom's source → (peer, address); cleared when _by_addr changes.
+        self._by_source: dict[tuple[Any, Any], tuple[_Peer, AddrPort]] = {}
+        self._sends_since_yield = 0
+        self._activity_noted = -math.inf
+        self._now = anyio.current_time  # trio's own clock under trio (see open_conn): cheaper
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -441,7 +483,7 @@ class Conn:
         Raises :class:`ValueError` for a malformed endpoint and :class:`ConnClosedError` after close.
         """
         self._check_open()
-        addrs = [_addr_of(e) for e in endpoints]
+        addrs = [a for a in (_addr_of(e) for e in endpoints) if not self.exclude.excludes_ip(a.ip)]
         now = anyio.current_time()
         peer = self._peers.get(node_key)
         if peer is None:
@@ -464,6 +506,8 @@ class Conn:
             return
         self._by_disco.pop(peer.disco_key, None)
         self._stop_birthday(peer)
+        self._by_source.clear()
+        self._udp_targets.clear()
         for addr in peer.addresses:
             if self._by_addr.get(addr) is peer:
                 del self._by_addr[addr]
@@ -472,28 +516,54 @@ class Conn:
     async def send(self, node_key: NodePublicKey, datagram: bytes) -> None:
         """Send one datagram to a peer, by UDP, over the relay or both, as its path says.
 
-        Never waits for the relay (its packets are queued, and dropped when the queue is full).
+        Never waits for the relay (its packets are queued, and dropped when the queue is full), nor
+        for the UDP socket (a full send buffer drops the datagram, as a wire would). It is always a
+        cancellation point, but lets other tasks run only every :data:`SEND_YIELD_EVERY` calls.
         Raises :class:`UnknownPeerError` and :class:`ConnClosedError`.
         """
         self._check_open()
         peer = self._peer(node_key)
         datagram = bytes(datagram)
-        now = anyio.current_time()
-        if self._gatherer is not None:
+        now = self._now()
+        if self._gatherer is not None and now - self._activity_noted >= 1.0:
+            self._activity_noted = now  # the refresh schedule counts activity in seconds
             self._gatherer.note_activity()
         udp, via_relay = peer.path.note_sent(now, datagram)
         if udp is not None:
-            await self._send_udp(peer, udp, datagram)
+            self._send_udp_nowait(peer, udp, datagram)
         if via_relay:
             self._send_relay(peer, datagram)
-        self._on_send(peer, now)
-        self._maybe_birthday(peer, now)
-        self._after_input(peer)
+            self._on_send(peer, now)
+            self._maybe_birthday(peer, now)
+        else:
+            peer.relay_since = None  # direct: no birthday probing to schedule
+        for action in peer.path.take_actions():
+            self._do_action(peer, action)
+        if self._timer_sleeps_until - now > _SEND_TIMER_SLACK:
+            deadline = peer.path.next_deadline()
+            if deadline is not None and deadline < self._timer_sleeps_until:
+                self._timer_wakeup.set()
+        self._sends_since_yield += 1
+        if self._sends_since_yield >= SEND_YIELD_EVERY:
+            self._sends_since_yield = 0
+            await anyio.lowlevel.checkpoint()
+        else:
+            await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def receive(self) -> tuple[NodePublicKey, bytes]:
         """The next datagram from any peer. Raises :class:`ConnClosedError` after close."""
         try:
             return await self._recv_out.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise ConnClosedError("connection closed") from None
+
+    def receive_nowait(self) -> tuple[NodePublicKey, bytes] | None:
+        """The next datagram if one is waiting, else None (never blocks: for draining a burst
+        after :meth:`receive`). Raises :class:`ConnClosedError` after close."""
+        try:
+            return self._recv_out.receive_nowait()
+        except anyio.WouldBlock:
+            return None
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise ConnClosedError("connection closed") from None
 
@@ -588,6 +658,7 @@ class Conn:
         if old is not None:
             old.addresses.discard(addr)
         self._by_addr[addr] = peer
+        self._by_source.clear()
         peer.addresses.add(addr)
 
     def _on_send(self, peer: _Peer, now: float) -> None:
@@ -640,15 +711,21 @@ class Conn:
         return self._sockets.get(6 if addr.is_ipv6 else 4)
 
     def _send_udp_nowait(self, peer: _Peer, addr: AddrPort, packet: bytes) -> None:
-        raw = self._routes.get(addr)
-        if raw is None:
-            sock = self._socket_for(addr)
-            if sock is None:
-                peer.path.note_send_error(anyio.current_time(), addr)
-                return
-            raw = self._raw_sockets[id(sock)]
+        target = self._udp_targets.get(addr)
+        if target is None:
+            raw = self._routes.get(addr)
+            if raw is None:
+                sock = self._socket_for(addr)
+                if sock is None:
+                    peer.path.note_send_error(anyio.current_time(), addr)
+                    return
+                raw = self._raw_sockets[id(sock)]
+            if len(self._udp_targets) >= _ADDR_CACHE_MAX:
+                self._udp_targets.clear()
+            target = self._udp_targets[addr] = (raw, addr.socket_address())
+        raw, sockaddr = target
         try:
-            raw.sendto(packet, addr.socket_address())
+            raw.sendto(packet, sockaddr)
         except BlockingIOError:
             self._counters.udp_send_errors += 1  # socket buffer full: a lost datagram, like the wire
         except OSError as e:
@@ -709,6 +786,15 @@ class Conn:
     # -- internals: receiving -----------------------------------------------------------------------
 
     async def _read_udp(self, sock: anyio.abc.UDPSocket) -> None:
+        """Read one main socket until cancelled.
+
+        Under trio: wait until readable, then read up to :data:`READ_BATCH` datagrams straight from
+        the socket (one wake-up per burst, not per datagram). Under asyncio, anyio's datagram
+        transport owns the socket's reader callback, so datagrams come through it one by one.
+        """
+        if _under_trio():
+            await self._read_udp_batched(self._raw_sockets[id(sock)])
+            return
         while True:
             try:
                 data, source = await sock.receive()
@@ -719,14 +805,46 @@ class Conn:
                 return
             self._on_udp(data, source)
 
+    async def _read_udp_batched(self, raw: socket.socket) -> None:
+        while True:
+            await anyio.wait_readable(raw)
+            for _ in range(READ_BATCH):
+                try:
+                    data, source = raw.recvfrom(_MAX_UDP)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:  # a queued ICMP error; the socket stays usable
+                    log.debug("UDP receive error (ignored): %s", e)
+                    continue
+                self._on_udp(data, source)
+
+    def _source(self, source: tuple[Any, ...]) -> AddrPort | None:
+        key = (source[0], source[1])
+        src = self._addr_cache.get(key)
+        if src is None:
+            try:
+                src = AddrPort.from_socket((str(source[0]), int(source[1])))
+            except ValueError:
+                return None
+            if len(self._addr_cache) >= _ADDR_CACHE_MAX:
+                self._addr_cache.clear()
+            self._addr_cache[key] = src
+        return src
+
     def _on_udp(self, data: bytes, source: tuple[Any, ...], via: socket.socket | None = None) -> None:
         """One datagram from a main socket, or from a birthday probe's socket ``via``."""
-        now = anyio.current_time()
+        now = self._now()
         self._counters.udp_datagrams_received += 1
         self._counters.udp_bytes_received += len(data)
-        try:
-            src = AddrPort.from_socket((str(source[0]), int(source[1])))
-        except ValueError:
+        key = (source[0], source[1])
+        if not (self._stun.pending and via is None) and not disco.looks_like_disco(data):
+            known = self._by_source.get(key)
+            if known is not None:  # data from a peer's known address: the common case, kept short
+                known[0].path.note_received(now, len(data), known[1])
+                self._deliver(known[0], data)
+                return
+        src = self._source(source)
+        if src is None:
             return
         if self._stun.pending and via is None:
             result = self._stun.receive_datagram(data, (str(src.ip), src.port), now)
@@ -736,12 +854,19 @@ class Conn:
                 self._stun_wakeup.set()
                 return
         if disco.looks_like_disco(data):
+            if self.exclude.excludes_ip(src.ip):
+                # Through our own overlay: a path over it would be the tunnel inside itself.
+                self._counters.drop("excluded_source")
+                return
             self._on_disco(data, src, None, via)
             return
         peer = self._by_addr.get(src)
         if peer is None:
             self._counters.data_dropped_unknown_source += 1
             return
+        if len(self._by_source) >= _ADDR_CACHE_MAX:
+            self._by_source.clear()
+        self._by_source[key] = (peer, src)
         peer.path.note_received(now, len(data), src)
         self._deliver(peer, data)
 
@@ -793,8 +918,9 @@ class Conn:
             self._counters.drop(e.reason)
             return
         self._counters.disco_opened += 1
-        if src is not None and via is not None:
+        if src is not None and via is not None and self._routes.get(src) is not via:
             self._routes[src] = via
+            self._udp_targets.clear()
         self._birthday_input(peer, now, message, src, via)
         if isinstance(message, Ping):
             if message.node_key is not None and message.node_key != peer.node_key:
@@ -818,7 +944,9 @@ class Conn:
             if src is not None:
                 self._counters.drop("call_me_maybe_over_udp")
                 return
-            peer.path.on_call_me_maybe(now, message.endpoints)
+            peer.path.on_call_me_maybe(
+                now, [e for e in message.endpoints if not self.exclude.excludes_ip(e.ip)]
+            )
             # Our pings just opened our NAT/firewall toward the peer, but its own pings may have
             # been dropped before that and it will not retry for 5 s. A CallMeMaybe back makes it
             # ping again at once (at most one per CALL_ME_MAYBE_ANSWER_GAP, so two peers that
@@ -880,7 +1008,17 @@ class Conn:
         report = self.last_gather
         hard = report.mapping_varies_by_dest_ip if report is not None else None
         target = next((c.addr for c in peer.path.candidates() if _public_ipv4(c.addr)), None)
-        if hard is None or target is None:
+        if hard is None:
+            return
+        if target is None:
+            # The peer's public endpoint is unknown here: its CallMeMaybe may have gone out before
+            # we were on the relay. Ours makes it answer with its endpoints (see _on_disco).
+            if (
+                peer.last_unprompted_cmm is None
+                or now - peer.last_unprompted_cmm >= CALL_ME_MAYBE_UNPROMPTED_GAP
+            ):
+                peer.last_unprompted_cmm = now
+                self._start_call_me_maybe(peer)
             return
         plan: HardSidePlan | EasySidePlan = (
             HardSidePlan(now, target) if hard else EasySidePlan(now, target.ip)
@@ -928,6 +1066,7 @@ class Conn:
     def _forget_routes(self, raw: socket.socket) -> None:
         for addr in [a for a, r in self._routes.items() if r is raw]:
             del self._routes[addr]
+        self._udp_targets.clear()
 
     def _stop_birthday(self, peer: _Peer) -> None:
         if peer.birthday_scope is not None:
@@ -1067,7 +1206,7 @@ class Conn:
         from .netmon import NetworkMonitor
 
         try:
-            async with NetworkMonitor() as monitor:
+            async with NetworkMonitor(exclude=self.exclude) as monitor:
                 async for change in monitor:
                     log.info("network changed: +%s -%s", change.added, change.removed)
                     if self._gatherer is not None:
@@ -1096,6 +1235,17 @@ def _public_ipv4(addr: AddrPort) -> bool:
     return ip.version == 4 and not ip.is_unspecified and not any(ip in net for net in _NOT_PUBLIC_V4)
 
 
+def _under_trio() -> bool:
+    """Whether the running event loop is trio's (the faster paths use trio directly)."""
+    try:
+        import trio
+
+        trio.lowlevel.current_task()
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
 def _addr_of(endpoint: Any) -> AddrPort:
     if isinstance(endpoint, AddrPort):
         return endpoint
@@ -1103,8 +1253,23 @@ def _addr_of(endpoint: Any) -> AddrPort:
     return AddrPort(ipaddress.ip_address(str(host).split("%", 1)[0]), int(port))
 
 
+def _grow_buffers(raw: socket.socket) -> None:
+    """Ask for SOCKET_BUFFER_BYTES each way: forced as root (CAP_NET_ADMIN), else up to the cap."""
+    forced = (getattr(socket, "SO_RCVBUFFORCE", None), getattr(socket, "SO_SNDBUFFORCE", None))
+    for force, plain in zip(forced, (socket.SO_RCVBUF, socket.SO_SNDBUF), strict=True):
+        with contextlib.suppress(OSError):
+            if force is not None:
+                try:
+                    raw.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_BYTES)
+                    continue
+                except PermissionError:
+                    pass
+            raw.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_BYTES)
+
+
 async def _bind_sockets(port: int, ipv6: bool) -> dict[int, tuple[socket.socket, anyio.abc.UDPSocket]]:
     raw4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    _grow_buffers(raw4)
     try:
         raw4.bind(("0.0.0.0", port))
     except OSError:
@@ -1121,6 +1286,7 @@ async def _bind_sockets(port: int, ipv6: bool) -> dict[int, tuple[socket.socket,
         try:
             # V6ONLY, so the IPv4 socket can own the same port number.
             raw6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _grow_buffers(raw6)
             raw6.bind(("::", bound_port))
             raw6.setblocking(False)
         except OSError as e:
@@ -1163,6 +1329,8 @@ async def open_conn(
     derp_tls: bool = True,
     derp_connect_timeout: float = 10.0,
     derp_idle_close: float = DERP_IDLE_CLOSE,
+    exclude_interfaces: Sequence[str] = (),
+    exclude_prefixes: Sequence[str | IPNetwork] = (),
 ) -> AsyncIterator[Conn]:
     """Open a :class:`Conn`: bind the UDP sockets, gather candidates once, connect the home relay.
 
@@ -1174,10 +1342,16 @@ async def open_conn(
     ``meshrelay -dev``). ``network_monitor``: follow rtnetlink for roaming. ``birthday``: probe
     hard NATs with the birthday paradox (see :meth:`Conn._maybe_birthday`). ``derp_idle_close``:
     seconds without traffic after which a relay region other than the home one is disconnected.
+    ``exclude_interfaces`` / ``exclude_prefixes``: addresses that must never carry a direct path,
+    typically the overlay running over this connection (its interface and its prefixes): they are
+    not gathered as candidates, their changes are not network changes, disco from them is dropped
+    (counted as ``excluded_source``) and a peer's endpoints inside the prefixes are not tried.
+    A malformed prefix raises :class:`ValueError`.
 
     Raises :class:`OSError` when the socket cannot be bound. Cancellation, or leaving the block,
     stops every task and closes every socket and relay connection.
     """
+    exclude = AddressFilter.of(exclude_interfaces, exclude_prefixes)
     conn = Conn(
         node_key,
         disco_key,
@@ -1191,6 +1365,11 @@ async def open_conn(
     conn._sockets = sockets
     conn._raw_sockets = {id(pair[1]): pair[0] for pair in bound.values()}
     conn.birthday_probing = birthday
+    conn.exclude = exclude
+    if _under_trio():
+        import trio
+
+        conn._now = trio.current_time
     async with contextlib.AsyncExitStack() as stack:
         for sock in sockets.values():
             await stack.enter_async_context(sock)
@@ -1229,6 +1408,7 @@ async def open_conn(
                 port_mapping=mapper_source,
                 static_endpoints=list(static_endpoints),
                 local_port_fixed=port != 0,
+                exclude=exclude,
             )
             await tg.start(conn._gatherer.run, conn._on_gathered)
             if network_monitor:

@@ -93,12 +93,14 @@ __all__ = [
     "SESSION_IDLE_TIMEOUT",
     "STUN_TIMEOUT",
     "TYPE_PREFERENCE",
+    "AddressFilter",
     "Candidate",
     "CandidateSet",
     "CandidateType",
     "Endpoint",
     "GatherReport",
     "Gatherer",
+    "IPNetwork",
     "PortMapSource",
     "RefreshSchedule",
     "RoundEndpoint",
@@ -221,6 +223,56 @@ def _canonical(endpoint: Endpoint) -> Endpoint:
     if not 0 < int(port) < 65536:
         raise ValueError(f"port {port} out of range")
     return str(_ip(str(host))), int(port)
+
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class AddressFilter:
+    """Interfaces and prefixes natlib must not use as candidates, nor accept disco from.
+
+    A VPN running over natlib (the mesh client's WireGuard interface) puts addresses on the host
+    that reach the peers *through natlib itself*; offering them as candidates would let a peer
+    validate a "direct" path that is really a tunnel inside the tunnel. ``interfaces`` are names
+    (every address on them is left out); ``prefixes`` are networks (an address inside one is left
+    out, whichever interface holds it; also peer addresses, see :meth:`excludes_ip`).
+    """
+
+    interfaces: frozenset[str] = frozenset()
+    prefixes: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def of(cls, interfaces: Iterable[str] = (), prefixes: Iterable[str | IPNetwork] = ()) -> AddressFilter:
+        """Build one from names and prefix texts; :class:`ValueError` names a malformed prefix."""
+        nets: list[IPNetwork] = []
+        for p in prefixes:
+            try:
+                nets.append(p if not isinstance(p, str) else ipaddress.ip_network(p, strict=False))
+            except ValueError as e:
+                raise ValueError(f"excluded prefix {p!r}: {e}") from None
+        return cls(frozenset(interfaces), tuple(nets))
+
+    def __bool__(self) -> bool:
+        return bool(self.interfaces or self.prefixes)
+
+    def excludes_ip(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str) -> bool:
+        """Whether an address (ours or a peer's) lies in an excluded prefix. IPv4-mapped IPv6 counts
+        as its IPv4 address; a malformed text is not excluded (the caller rejects it anyway)."""
+        if not self.prefixes:
+            return False
+        if isinstance(ip, str):
+            try:
+                ip = ipaddress.ip_address(ip.split("%", 1)[0])
+            except ValueError:
+                return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.prefixes)
+
+    def excludes(self, addr: netif.InterfaceAddress) -> bool:
+        """Whether a local interface address is left out (by its interface or its prefix)."""
+        return addr.interface in self.interfaces or self.excludes_ip(addr.ip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -645,6 +697,8 @@ class Gatherer:
     ``natlib.stunclient.stun_probe``), ``port_mapping`` (an async callable returning our external
     address or None, e.g. a ``PortMapper``'s mapping), ``interfaces`` (default
     :func:`natlib.netif.interface_addresses`). ``static_endpoints`` come from configuration.
+    ``exclude`` (an :class:`AddressFilter`) leaves interfaces and prefixes out of every round (an
+    overlay network's own addresses, say): they are neither candidates nor in the report.
 
     :meth:`gather` runs one round; :meth:`run` re-gathers on the :class:`RefreshSchedule` and when
     :meth:`request_refresh` is called (e.g. on a :mod:`natlib.netmon` event); :meth:`fresh` returns
@@ -666,6 +720,7 @@ class Gatherer:
         interfaces: InterfaceSource | None = None,
         include_link_local: bool = False,
         local_port_fixed: bool = False,
+        exclude: AddressFilter = AddressFilter(),
         candidate_set: CandidateSet | None = None,
         schedule: RefreshSchedule | None = None,
     ) -> None:
@@ -700,6 +755,7 @@ class Gatherer:
         self._interfaces = interfaces
         self.include_link_local = include_link_local
         self.local_port_fixed = local_port_fixed
+        self.exclude = exclude
         self.candidate_set = candidate_set or CandidateSet()
         self.schedule = schedule or RefreshSchedule()
         self.last_report: GatherReport | None = None
@@ -717,8 +773,10 @@ class Gatherer:
 
     def _read_interfaces(self) -> list[netif.InterfaceAddress]:
         if self._interfaces is not None:
-            return list(self._interfaces())
-        return netif.interface_addresses(include_link_local=self.include_link_local)
+            addrs = list(self._interfaces())
+        else:
+            addrs = netif.interface_addresses(include_link_local=self.include_link_local)
+        return [a for a in addrs if not self.exclude.excludes(a)] if self.exclude else addrs
 
     async def _run_stun(self, fam: netif.Family, servers: list[Endpoint], out: dict[str, Any]) -> None:
         name = "stun" if fam == 4 else "stun6"
@@ -804,7 +862,10 @@ class Gatherer:
         if result.rejected:
             errors["input"] = "; ".join(result.rejected)
         now = anyio.current_time()
-        candidates = self.candidate_set.update(result.endpoints, now)
+        endpoints = list(result.endpoints)
+        if self.exclude:  # also a STUN or static answer inside an excluded prefix
+            endpoints = [e for e in endpoints if not self.exclude.excludes_ip(e.address[0])]
+        candidates = self.candidate_set.update(endpoints, now)
         self.schedule.note_gathered(now)
         report = GatherReport(
             candidates=tuple(candidates),

@@ -52,6 +52,8 @@ Example::
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import importlib
 import logging
 import os
@@ -818,6 +820,7 @@ async def connect(
     websocket: bool = False,
     extra_headers: Sequence[tuple[str, str]] = (),
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    cert_sha256: bytes | None = None,
 ) -> DerpClient:
     """Connect to a DERP relay and finish the handshake; returns a ready :class:`DerpClient`.
 
@@ -832,6 +835,11 @@ async def connect(
     ``ssl_context``/``server_hostname``: for TLS URLs; the defaults are
     :func:`ssl.create_default_context` and the URL's host. Passing ``ssl_context`` with a plain URL
     is an error.
+
+    ``cert_sha256``: pin the relay's leaf certificate by the SHA-256 of its DER bytes (a DERPMap
+    ``CertName`` of ``sha256-raw:<hex>``, for self-signed relays); a relay presenting another
+    certificate is refused with :class:`DerpConnectError`. The pin replaces CA and host name checks,
+    so without ``ssl_context`` the default context verifies nothing else. TLS URLs only.
 
     ``mesh_key`` (32 bytes), ``is_prober`` and ``app_name`` go into ClientInfo. A relay drops a
     client with a wrong mesh key during the handshake, which shows up here as
@@ -848,12 +856,21 @@ async def connect(
     target = _parse_url(url, websocket)
     if ssl_context is not None and not target.tls:
         raise ValueError(f"ssl_context given for a plain URL {url!r}; use https:// or wss://")
+    if cert_sha256 is not None:
+        if not target.tls:
+            raise ValueError(f"cert_sha256 given for a plain URL {url!r}; use https:// or wss://")
+        if len(cert_sha256) != hashlib.sha256().digest_size:
+            raise ValueError(f"cert_sha256 must be 32 bytes, not {len(cert_sha256)}")
+        if ssl_context is None:
+            ssl_context = ssl.create_default_context()
+            ssl_context.check_hostname = False
+            ssl_context.verify_mode = ssl.CERT_NONE  # the pin below is the whole check
     if mesh_key is not None and len(mesh_key) != MESH_KEY_LEN:
         raise ValueError(f"mesh_key must be {MESH_KEY_LEN} bytes, not {len(mesh_key)}")
     info = ClientInfo(mesh_key=mesh_key, is_prober=is_prober, app_name=app_name)
     with anyio.move_on_after(connect_timeout) as scope:
         return await _connect(
-            target, private_key, info, server_key, ssl_context, server_hostname, extra_headers
+            target, private_key, info, server_key, ssl_context, server_hostname, extra_headers, cert_sha256
         )
     assert scope.cancelled_caught
     raise DerpConnectTimeout(
@@ -870,6 +887,7 @@ async def _connect(
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None,
     extra_headers: Sequence[tuple[str, str]],
+    cert_sha256: bytes | None = None,
 ) -> DerpClient:
     url = target.url
     log.debug("dialling DERP relay %s", url)
@@ -881,7 +899,15 @@ async def _connect(
         ) from e
     try:
         return await _upgrade_and_handshake(
-            stream, target, private_key, info, server_key, ssl_context, server_hostname, extra_headers
+            stream,
+            target,
+            private_key,
+            info,
+            server_key,
+            ssl_context,
+            server_hostname,
+            extra_headers,
+            cert_sha256,
         )
     except BaseException:
         await anyio.aclose_forcefully(stream)
@@ -897,6 +923,7 @@ async def _upgrade_and_handshake(
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None,
     extra_headers: Sequence[tuple[str, str]],
+    cert_sha256: bytes | None = None,
 ) -> DerpClient:
     url = target.url
     try:
@@ -912,6 +939,15 @@ async def _upgrade_and_handshake(
             except (ssl.SSLError, *_TRANSPORT_ERRORS) as e:
                 raise DerpConnectError(f"{url}: TLS handshake failed: {e}", url=url) from e
             stream = tls
+            if cert_sha256 is not None:
+                der = tls.extra(TLSAttribute.peer_certificate_binary)
+                seen = hashlib.sha256(der or b"").digest()
+                if not hmac.compare_digest(seen, cert_sha256):
+                    raise DerpConnectError(
+                        f"{url}: the relay's certificate (sha256-raw:{seen.hex()}) is not the pinned "
+                        f"sha256-raw:{cert_sha256.hex()}",
+                        url=url,
+                    )
             meta_key = _server_key_from_tls(tls)
             if meta_key is not None:
                 if expected_key is not None and meta_key != expected_key:

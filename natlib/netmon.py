@@ -41,6 +41,7 @@ from typing import Final, Literal
 import anyio
 
 from . import netif
+from .candidates import AddressFilter
 
 __all__ = [
     "DEBOUNCE",
@@ -98,14 +99,21 @@ class NetworkState:
         return sorted(self.addresses, key=lambda a: (a.index, a.family, a.ip.packed))
 
 
-def read_state(*, include_link_local: bool = False) -> NetworkState:
-    """The current :class:`NetworkState` from the kernel (blocking, local; :class:`netif.NetlinkError`)."""
+def read_state(*, include_link_local: bool = False, exclude: AddressFilter | None = None) -> NetworkState:
+    """The current :class:`NetworkState` from the kernel (blocking, local; :class:`netif.NetlinkError`).
+
+    ``exclude`` leaves out addresses (and default routes through interfaces) natlib must ignore,
+    so a change on them (an overlay interface coming or going) is no change at all.
+    """
     with netif.open_netlink_socket() as sock:
         links = netif.dump_links(sock)
         addrs = netif.dump_addresses(sock)
         routes = netif.dump_routes(sock)
     usable = netif.select_addresses(links, addrs, include_link_local=include_link_local)
     defaults = netif.select_default_routes(links, routes)
+    if exclude:
+        usable = [a for a in usable if not exclude.excludes(a)]
+        defaults = [r for r in defaults if r.interface not in exclude.interfaces]
     return NetworkState(frozenset(usable), frozenset((r.family, r.gateway, r.interface) for r in defaults))
 
 
@@ -245,8 +253,10 @@ class NetworkMonitor:
 
     ``use_netlink=False`` (or a system without rtnetlink) polls every ``poll_interval`` seconds
     (default :data:`POLL_INTERVAL`); with rtnetlink the periodic check runs every
-    :data:`RESYNC_INTERVAL` unless ``poll_interval`` says otherwise. ``read`` replaces the state
-    reader (default :func:`read_state`). Use it as an async context manager; iterating after
+    :data:`RESYNC_INTERVAL` unless ``poll_interval`` says otherwise. ``exclude`` (an
+    :class:`~natlib.candidates.AddressFilter`) hides interfaces and prefixes from the state, so
+    their changes are not reported. ``read`` replaces the state reader (default
+    :func:`read_state`). Use it as an async context manager; iterating after
     :meth:`aclose` ends the iteration.
     """
 
@@ -258,13 +268,14 @@ class NetworkMonitor:
         poll_interval: float | None = None,
         use_netlink: bool = True,
         include_link_local: bool = False,
+        exclude: AddressFilter | None = None,
         read: Callable[[], NetworkState] | None = None,
     ) -> None:
         self._debounce = debounce
         self._max_delay = max(max_delay, debounce)
         self._poll_interval = poll_interval
         self._use_netlink = use_netlink
-        self._read = read or (lambda: read_state(include_link_local=include_link_local))
+        self._read = read or (lambda: read_state(include_link_local=include_link_local, exclude=exclude))
         self._sock: socket.socket | None = None
         self._detector: ChangeDetector | None = None
         self._closed = False

@@ -135,6 +135,12 @@ class MemoryConn:
     async def receive(self) -> tuple[NodePublicKey, bytes]:
         return await self._inbox.receive()
 
+    def receive_nowait(self) -> tuple[NodePublicKey, bytes] | None:
+        try:
+            return self._inbox.receive_nowait()
+        except anyio.WouldBlock:
+            return None
+
     def inject(self, peer: NodePublicKey, datagram: bytes) -> None:
         """As if ``peer`` had sent ``datagram`` (tests of the receive direction)."""
         self._inbox_send.send_nowait((peer, datagram))

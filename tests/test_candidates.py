@@ -16,6 +16,7 @@ import trio.testing
 from natlib import netif
 from natlib.candidates import (
     ENDPOINT_LIFETIME,
+    AddressFilter,
     Candidate,
     CandidateSet,
     CandidateType,
@@ -384,6 +385,59 @@ async def test_gather_with_a_socket_bound_to_one_address() -> None:
     assert [(c.type, c.address, c.source) for c in report.candidates] == [
         (LOCAL, ("127.0.0.1", port), "bound")
     ]
+
+
+def overlay_interfaces() -> list[netif.InterfaceAddress]:
+    return [
+        *lan_interfaces(),
+        netif.InterfaceAddress("mn-demo", 7, "100.64.0.1", 32, 0, netif.IFF_UP),
+        netif.InterfaceAddress("mn-demo", 7, "fd7a:115c:a1e0::1", 128, 0, netif.IFF_UP),
+        netif.InterfaceAddress("eth1", 3, "100.64.9.9", 24, 0, netif.IFF_UP),  # a subnet route's address
+    ]
+
+
+def test_address_filter_by_interface_and_prefix() -> None:
+    f = AddressFilter.of(["mn-demo"], ["100.64.0.0/10", "fd7a:115c:a1e0::/48"])
+    assert [a.address for a in overlay_interfaces() if f.excludes(a)] == [
+        "100.64.0.1",
+        "fd7a:115c:a1e0::1",
+        "100.64.9.9",
+    ]
+    assert f.excludes_ip("100.127.255.255") and not f.excludes_ip("100.128.0.0")
+    assert f.excludes_ip("::ffff:100.64.0.2")  # an IPv4-mapped source is its IPv4 address
+    assert f.excludes_ip("fd7a:115c:a1e0::2%eth0") and not f.excludes_ip("fd7a:115c:a1e1::2")
+    assert not f.excludes_ip("not an address")
+    by_name = AddressFilter.of(["mn-demo"])
+    assert [a.address for a in overlay_interfaces() if by_name.excludes(a)] == [
+        "100.64.0.1",
+        "fd7a:115c:a1e0::1",
+    ]
+    assert not by_name.excludes_ip("100.64.0.1")  # names alone say nothing about peer addresses
+    assert not AddressFilter() and by_name
+    with pytest.raises(ValueError, match=r"excluded prefix '100\.64\.0\.0/33'"):
+        AddressFilter.of(prefixes=["100.64.0.0/33"])
+
+
+async def test_gather_leaves_excluded_interfaces_and_prefixes_out() -> None:
+    async with await anyio.create_udp_socket(family=socket.AF_INET6, local_host="::") as sock:
+        port = sock.extra(anyio.abc.SocketAttribute.local_port)
+        plain = Gatherer(sock, interfaces=overlay_interfaces)
+        excluded = Gatherer(
+            sock, interfaces=overlay_interfaces, exclude=AddressFilter.of(["mn-demo"], ["100.64.0.0/10"])
+        )
+        assert {c.address[0] for c in (await plain.gather()).candidates} == {
+            "2001:db8:1:2::2",
+            "fd7a:115c:a1e0::1",
+            "192.168.1.2",
+            "100.64.0.1",
+            "100.64.9.9",
+        }
+        report = await excluded.gather()
+    assert [(c.type, c.address) for c in report.candidates] == [
+        (LOCAL, ("2001:db8:1:2::2", port)),
+        (LOCAL, ("192.168.1.2", port)),
+    ]
+    assert [a.address for a in report.interfaces] == ["192.168.1.2", "2001:db8:1:2::2"]
 
 
 async def test_gather_without_socket_uses_the_port_for_both_families() -> None:

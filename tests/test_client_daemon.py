@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import client
-from client.daemon import default_ifname, load_config, relay_derp_map
+from client.daemon import default_ifname, load_config, overlay_exclusions, relay_derp_map
 from client.keyfile import KeyFileError, NodeKeys, write_key_file
 from client.meshfile import MeshFileError, parse_mesh_file
 from natlib.testing import Lab, LabProcess
@@ -71,6 +71,22 @@ def test_inline_relay_map_becomes_a_derp_map() -> None:
     assert (node.host_name, node.ipv4, node.ipv6) == ("relay.lab.test", "198.51.100.10", "")
     assert (node.derp_port, node.effective_stun_port, node.insecure_for_tests) == (8443, None, True)
     assert derp_map.regions[900].region_code == "lab"
+
+
+def test_overlay_exclusions_cover_the_interface_and_every_allowed_ip() -> None:
+    alpha, beta = NodeKeys.generate(), NodeKeys.generate()
+    routed = node_table("beta", beta, 2) + 'subnet_routes = ["10.1.0.0/24"]\n'
+    mesh = parse_mesh_file(RELAYS.format(name="lab") + node_table("alpha", alpha, 1) + routed)
+    assert overlay_exclusions(mesh, "mn-lab") == {
+        "exclude_interfaces": ("mn-lab",),
+        "exclude_prefixes": (
+            "100.64.0.1/32",
+            "fd7a:115c:a1e0::1/128",
+            "100.64.0.2/32",
+            "fd7a:115c:a1e0::2/128",
+            "10.1.0.0/24",
+        ),
+    }
 
 
 def test_load_config_names_the_bad_file(tmp_path: Path) -> None:

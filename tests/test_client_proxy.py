@@ -16,7 +16,7 @@ import pytest
 from fakeconn import MemoryConn, MemoryNetwork
 
 from client._endpoint import Endpoint
-from client._proxy import LOOPBACK, LoopbackProxies, open_loopback_proxies
+from client._proxy import LOOPBACK, READ_BATCH, LoopbackProxies, open_loopback_proxies
 from natlib.derpmap import DERPMap
 from natlib.keys import DiscoPrivateKey, NodePrivateKey
 
@@ -127,6 +127,28 @@ async def test_send_failures_and_unknown_senders_are_counted_not_fatal() -> None
         assert (data, source) == (b"still delivered", (LOOPBACK, to_b.port))
         assert proxies.unknown_peer_dropped == 1
         assert proxies.counters(PUB["b"]).to_peer_packets == 0
+
+
+async def test_a_burst_from_the_peers_reaches_the_engine_whole_and_in_order() -> None:
+    """More datagrams waiting than one wake-up drains (conn.receive_nowait): none lost or reordered."""
+    network = MemoryNetwork()
+    burst = [b"%04d" % i for i in range(3 * READ_BATCH + 5)]
+    async with (
+        await engine_socket() as engine,
+        node(network, "a", ("b", "c"), port_of(engine)) as (conn_a, proxies),
+    ):
+        for i, datagram in enumerate(burst):
+            conn_a.inject(PUB["b" if i % 2 else "c"], datagram)
+        ports = {proxies.endpoint(PUB[p]).port: p for p in ("b", "c")}
+        received = []
+        with anyio.fail_after(5):
+            for _ in burst:
+                data, (_, port) = await engine.receive()
+                received.append((data, port))
+    assert [(d, ports[p]) for d, p in received] == [(d, "b" if i % 2 else "c") for i, d in enumerate(burst)]
+    assert proxies.counters(PUB["b"]).to_engine_packets + proxies.counters(PUB["c"]).to_engine_packets == len(
+        burst
+    )
 
 
 async def test_leaving_the_context_closes_the_proxy_sockets() -> None:

@@ -243,6 +243,36 @@ async def test_bad_input_is_dropped_and_counted(relay: LoopbackRelay) -> None:
         a.add_peer(NodePrivateKey.generate().public, peer_disco.public, REGION)
 
 
+async def test_excluded_prefixes_are_neither_candidates_nor_paths(relay: LoopbackRelay) -> None:
+    """b excludes every address (as the mesh client excludes its overlay): it advertises none, drops
+    disco from them, and ignores a's endpoints there, so the pair stays on the relay."""
+    derp_map = relay.derp_map()
+    keys = [(NodePrivateKey.generate(), DiscoPrivateKey.generate()) for _ in range(2)]
+    opts = {"home_region": REGION, "port_mapping": False, "network_monitor": False, "derp_tls": False}
+    everything = {"exclude_interfaces": ("lo",), "exclude_prefixes": ("0.0.0.0/0", "::/0")}
+    async with (
+        open_conn(*keys[0], derp_map, **opts) as a,  # type: ignore[arg-type]
+        open_conn(*keys[1], derp_map, **opts, **everything) as b,  # type: ignore[arg-type]
+    ):
+        assert a.local_endpoints() != [] and b.local_endpoints() == []
+        a.add_peer(b.node_key, b.disco_key, REGION, endpoints=[("127.0.0.1", b.local_port)])
+        b.add_peer(a.node_key, a.disco_key, REGION, endpoints=[("127.0.0.1", a.local_port)])
+        assert b.candidates(a.node_key) == []
+        received: list[bytes] = []
+        with anyio.fail_after(10):
+            while b.stats()["disco_dropped"].get("excluded_source", 0) < 1 or len(received) < 5:
+                await a.send(b.node_key, b"x%d" % len(received))
+                with anyio.move_on_after(0.1):
+                    received.append((await b.receive())[1])
+        assert received == [b"x%d" % i for i in range(len(received))]
+        assert b.candidates(a.node_key) == []  # a's CallMeMaybe endpoints were all excluded
+        assert (a.path(b.node_key).kind, b.path(a.node_key).kind) == ("relay", "relay")
+        assert b.stats()["disco_opened"] >= 1  # what came over the relay still opens
+    with pytest.raises(ValueError, match="excluded prefix"):
+        async with open_conn(*keys[0], derp_map, exclude_prefixes=("nonsense",), **opts):  # type: ignore[arg-type]
+            pass
+
+
 async def test_peer_home_region_dialled_on_demand_and_closed_when_idle(
     relay: LoopbackRelay, second_relay: LoopbackRelay
 ) -> None:

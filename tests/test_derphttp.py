@@ -10,6 +10,7 @@ exchange under asyncio, with the (trio) relay in a background thread.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 import threading
 from collections.abc import Iterator
@@ -160,6 +161,24 @@ async def test_tls_with_untrusted_certificate_fails(relay_https: Any) -> None:
     with anyio.fail_after(DEADLINE), pytest.raises(DerpConnectError, match="TLS") as info:
         await connect(relay_https.url, NodePrivateKey.generate(), ssl_context=ssl.create_default_context())
     assert isinstance(info.value.__cause__, ssl.SSLError)
+
+
+async def test_pinned_certificate_replaces_the_ca_check(relay_https: Any) -> None:
+    """``cert_sha256`` (a ``sha256-raw:`` CertName): the right leaf connects with no trusted CA, any
+    other certificate is refused before the upgrade."""
+    pem = await trio.to_thread.run_sync(ssl.get_server_certificate, (relay_https.host, relay_https.port))
+    pin = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).digest()
+    with anyio.fail_after(DEADLINE):
+        async with await connect(relay_https.url, NodePrivateKey.generate(), cert_sha256=pin) as client:
+            assert client.server_key == relay_https.server_key
+    wrong = hashlib.sha256(b"another certificate").digest()
+    with anyio.fail_after(DEADLINE), pytest.raises(DerpConnectError, match="is not the pinned") as info:
+        await connect(relay_https.url, NodePrivateKey.generate(), cert_sha256=wrong)
+    assert f"sha256-raw:{pin.hex()}" in str(info.value)
+    with pytest.raises(ValueError, match="32 bytes"):
+        await connect(relay_https.url, NodePrivateKey.generate(), cert_sha256=pin[:8])
+    with pytest.raises(ValueError, match="plain URL"):
+        await connect("http://127.0.0.1:1/derp", NodePrivateKey.generate(), cert_sha256=pin)
 
 
 async def test_bogus_upgrade_gives_426(relay_http: Any) -> None:

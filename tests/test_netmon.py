@@ -13,7 +13,8 @@ import trio
 import trio.testing
 
 from natlib import netif
-from natlib.netmon import ChangeDetector, NetworkMonitor, NetworkState, is_relevant
+from natlib.candidates import AddressFilter
+from natlib.netmon import ChangeDetector, NetworkMonitor, NetworkState, is_relevant, read_state
 from natlib.testing import Lab, LabProcess
 
 
@@ -156,6 +157,16 @@ async def test_netlink_monitor_opens_and_closes_under_cancellation() -> None:
             await mon.__anext__()
     with pytest.raises(StopAsyncIteration):
         await mon.__anext__()
+
+
+def test_read_state_leaves_excluded_addresses_out() -> None:
+    everything = netif.interface_addresses()
+    assert everything, "this test needs one usable interface address"
+    name = everything[0].interface
+    state = read_state(exclude=AddressFilter.of([name], ["::/0"]))
+    assert state.addresses == frozenset(a for a in everything if a.interface != name and a.family == 4)
+    assert all(route[2] != name for route in state.default_routes)
+    assert read_state().addresses == frozenset(everything)
 
 
 async def test_aclose_ends_a_waiting_iteration() -> None:
