@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # `python benchmarks/compare.py`
 
 from benchmarks.loadgen import raise_nofile
 from benchmarks.run import (
+    RESULTS,
     ROOT,
     Progress,
     Relay,
@@ -53,9 +54,9 @@ from benchmarks.run import (
     relay_base_cmd,
     run_failed,
     versions,
+    write_results,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RELAYS = ("ours", "derper")
 DEFAULT_INTEROP_BIN = "/var/cache/meshrelay-interop/bin"
 
@@ -914,11 +915,7 @@ def main(argv: list[str] | None = None) -> int:
             for sc in scenarios
         ],
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"compare-{stamp}.json"
-    text = json.dumps(doc, indent=2) + "\n"
-    path.write_text(text)
-    (a.out / "compare-latest.json").write_text(text)
+    path = write_results(a.out, f"compare-{stamp}.json", "compare-latest.json", doc)
     plots = (
         []
         if a.no_plots

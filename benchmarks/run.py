@@ -303,6 +303,16 @@ def invoke_loadgen(
     return res
 
 
+def write_results(out: Path, name: str, latest: str, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` as ``out/name`` and as ``out/latest`` (the copy the README and reports read)."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(doc, indent=2) + "\n"
+    path = out / name
+    path.write_text(text)
+    (out / latest).write_text(text)
+    return path
+
+
 def run_failed(r: dict[str, Any]) -> bool:
     return bool(
         r.get("error")
@@ -672,11 +682,7 @@ def main(argv: list[str] | None = None) -> int:
             for sc in scenarios
         ],
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"relay-{stamp}.json"
-    text = json.dumps(doc, indent=2) + "\n"
-    path.write_text(text)
-    (a.out / "latest.json").write_text(text)
+    path = write_results(a.out, f"relay-{stamp}.json", "latest.json", doc)
     print()
     print(
         f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} and latest.json "

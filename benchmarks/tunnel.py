@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.run import RESULTS, ROOT, write_results
+
 ENV = {"PYTHONPATH": str(ROOT)}
 NODES = {"alpha": ("a1", "none"), "beta": ("b1", "none")}
 BARE_PORT = 51820
@@ -227,11 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.seconds <= MAX_SECONDS or not 1 <= args.reps <= MAX_REPS:
         parser.error(f"--seconds must be 1-{MAX_SECONDS} and --reps 1-{MAX_REPS}")
     result = run(args.seconds, args.reps)
-    text = json.dumps(result, indent=2) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"tunnel-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
-    (args.out / "tunnel-latest.json").write_text(text)
-    print(text, end="")
+    write_results(args.out, f"tunnel-{time.strftime('%Y%m%d-%H%M%S')}.json", "tunnel-latest.json", result)
+    print(json.dumps(result, indent=2))
     return 0
 
 

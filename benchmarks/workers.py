@@ -25,7 +25,6 @@ twice it is the ratio two workers would reach with two cores of their own
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ if __package__ in (None, ""):  # `python benchmarks/workers.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.loadgen import proc_cpu_seconds
-from benchmarks.run import RESULTS, Relay, invoke_loadgen, relay_base_cmd, run_failed
+from benchmarks.run import RESULTS, Relay, invoke_loadgen, relay_base_cmd, run_failed, write_results
 
 WORKER_COUNTS = (1, 2)
 
@@ -235,11 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "runs": {f"{s}B-workers{w}": rs for (s, w), rs in runs.items()},
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(out, indent=2) + "\n"
-    (a.out / f"workers-{stamp}.json").write_text(text)
-    (a.out / "workers-latest.json").write_text(text)
-    print(f"\nwrote {a.out / f'workers-{stamp}.json'}")
+    path = write_results(a.out, f"workers-{stamp}.json", "workers-latest.json", out)
+    print(f"\nwrote {path}")
     return 1 if failed else 0
 
 
