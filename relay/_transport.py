@@ -251,6 +251,17 @@ def _peer_of(sock: trio.socket.SocketType) -> tuple[str, int]:
     return (str(addr), 0)
 
 
+def _write_now(fd: int, data: bytes) -> int | None:
+    """Write what the kernel takes at once from ``data`` to the non-blocking socket ``fd`` (trio's
+    sockets are); return how much (0 when full), or None when the socket failed."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except OSError:
+        return None
+
+
 def _checked_buffer(buf: memoryview) -> int:
     n = len(buf)
     if n == 0:
@@ -339,11 +350,8 @@ class SocketTransport:
     def send_nowait(self, data: bytes) -> bool:
         if self._sending or self._backlog or self._closed:
             return False
-        try:
-            n = os.write(self._fd, data)  # trio's sockets are non-blocking
-        except BlockingIOError:
-            n = 0
-        except OSError:
+        n = _write_now(self._fd, data)
+        if n is None:
             return False  # the writer's send_all meets the error again and reports it
         if n < len(data):
             self._backlog = memoryview(data)[n:]
@@ -462,12 +470,9 @@ class TLSTransport:
         except ssl.SSLError:
             return False  # the writer's send_all meets the error again and reports it
         records = outgoing.read()
-        try:
-            n = os.write(self._sock.fileno(), records)  # trio's sockets are non-blocking
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            n = 0  # already encrypted: keep it in order; the writer's send meets the error
+        # On a socket error keep the records too (they are encrypted already, so the stream must
+        # stay in order); the writer's send meets the error again and reports it.
+        n = _write_now(self._sock.fileno(), records) or 0
         if n < len(records):
             self._backlog = memoryview(records)[n:]
         return True
