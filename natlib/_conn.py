@@ -41,7 +41,6 @@ import ipaddress
 import logging
 import math
 import socket
-import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -253,29 +252,10 @@ def _derp_urls(node: DERPNode, tls: bool) -> list[str]:
     return [f"{scheme}://{f'[{h}]' if ':' in h else h}:{port}/derp" for h in hosts]
 
 
-_PIN_PREFIX: Final = "sha256-raw:"
-
-
-def _tls_context(node: DERPNode) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if node.insecure_for_tests or node.cert_name.startswith(_PIN_PREFIX):
-        # Test relays, and pinned self-signed ones (the pin, checked by derphttp.connect, replaces
-        # the CA check).
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 def _cert_pin(node: DERPNode) -> bytes | None:
     """The leaf certificate's SHA-256 a ``sha256-raw:<hex>`` CertName pins (ValueError if malformed)."""
-    if not node.cert_name.startswith(_PIN_PREFIX):
-        return None
-    return bytes.fromhex(node.cert_name[len(_PIN_PREFIX) :])
-
-
-def _server_name(node: DERPNode) -> str:
-    pinned = node.cert_name.startswith(_PIN_PREFIX)
-    return node.cert_name if node.cert_name and not pinned else node.host_name
+    pin = node.cert_pin
+    return None if pin is None else bytes.fromhex(pin)
 
 
 class _Region:
@@ -342,8 +322,8 @@ class _Region:
                     client = await connect(
                         url,
                         self.conn._node_private,
-                        ssl_context=_tls_context(node) if self.conn._derp_tls else None,
-                        server_hostname=_server_name(node) if self.conn._derp_tls else None,
+                        ssl_context=node.tls_context() if self.conn._derp_tls else None,
+                        server_hostname=node.tls_server_name if self.conn._derp_tls else None,
                         connect_timeout=self.conn._derp_connect_timeout,
                         cert_sha256=_cert_pin(node) if self.conn._derp_tls else None,
                     )

@@ -21,12 +21,14 @@ import importlib
 import ipaddress
 import json
 import math
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
 __all__ = [
+    "CERT_PIN_PREFIX",
     "DEFAULT_DERP_PORT",
     "DEFAULT_STUN_PORT",
     "DERPMap",
@@ -39,6 +41,7 @@ __all__ = [
 
 DEFAULT_STUN_PORT: Final = 3478
 DEFAULT_DERP_PORT: Final = 443
+CERT_PIN_PREFIX: Final = "sha256-raw:"
 _MAX_REGION_ID: Final = 2**53 - 1
 MAX_MAP_BYTES: Final = 4 << 20
 """A relay map larger than this is refused (real ones are a few tens of kilobytes)."""
@@ -89,6 +92,30 @@ class DERPNode:
     @property
     def effective_derp_port(self) -> int:
         return self.derp_port or DEFAULT_DERP_PORT
+
+    @property
+    def cert_pin(self) -> str | None:
+        """The hex SHA-256 of the leaf certificate a ``sha256-raw:<hex>`` CertName pins, else None.
+
+        Self-signed relays are reached this way: the pin replaces the CA and host-name checks.
+        """
+        if not self.cert_name.startswith(CERT_PIN_PREFIX):
+            return None
+        return self.cert_name.removeprefix(CERT_PIN_PREFIX)
+
+    @property
+    def tls_server_name(self) -> str:
+        """The name to send (SNI) and, unless pinned, to verify: ``CertName`` if set, else ``HostName``."""
+        return self.cert_name if self.cert_name and self.cert_pin is None else self.host_name
+
+    def tls_context(self) -> ssl.SSLContext:
+        """A client context for this node: CA-verified, or unverified for ``InsecureForTests`` and
+        for a pinned certificate (the caller then checks :attr:`cert_pin` itself)."""
+        ctx = ssl.create_default_context()
+        if self.insecure_for_tests or self.cert_pin is not None:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
 
     def stun_address(self, family: Literal[4, 6]) -> str | None:
         """The literal address to STUN over ``family``, or None (no literal address, or disabled).

@@ -179,17 +179,6 @@ _PROBE_ERRORS: Final = (
 """What an HTTP(S) probe may fail with; each leaves its fact unknown instead of failing the report."""
 
 
-def _tls_context(node: DERPNode) -> tuple[ssl.SSLContext, str | None, str | None]:
-    """(context, SNI host name, pinned SHA-256 of the leaf certificate) for dialling ``node``."""
-    pin = node.cert_name.removeprefix("sha256-raw:") if node.cert_name.startswith("sha256-raw:") else None
-    ctx = ssl.create_default_context()
-    if pin is not None or node.insecure_for_tests:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    server_name = node.cert_name if node.cert_name and pin is None else node.host_name
-    return ctx, server_name, pin
-
-
 async def https_latency(node: DERPNode, *, ssl_context: ssl.SSLContext | None = None) -> float:
     """Seconds an HTTPS ``GET /derp/latency-check`` to ``node`` takes on an established connection.
 
@@ -198,7 +187,7 @@ async def https_latency(node: DERPNode, *, ssl_context: ssl.SSLContext | None = 
     :class:`OSError`, :class:`ssl.SSLError` or ``_HttpProbeError`` (an :class:`Exception`) on
     failure. Cancellation closes the connection.
     """
-    ctx, server_name, pin = _tls_context(node)
+    ctx, server_name, pin = node.tls_context(), node.tls_server_name, node.cert_pin
     if ssl_context is not None:
         ctx, pin = ssl_context, None
     stream = await anyio.connect_tcp(
