@@ -63,7 +63,7 @@ from .candidates import (
     port_mapper_source,
 )
 from .derp import RecvPacket, Restarting
-from .derphttp import DerpClient, DerpConnectError, DerpConnectionClosed, connect
+from .derphttp import DerpClient, DerpConnectError, DerpConnectionClosed, ReconnectSchedule, connect
 from .derpmap import DERPMap, DERPNode, DERPRegion
 from .disco import AddrPort, CallMeMaybe, DiscoError, Ping, Pong
 from .keys import DiscoPrivateKey, DiscoPublicKey, NodePrivateKey, NodePublicKey
@@ -103,8 +103,6 @@ RECEIVE_QUEUE_LEN: Final = 4096
 """Datagrams received and not yet taken by :meth:`Conn.receive`; beyond that they are dropped."""
 PATH_EVENT_QUEUE_LEN: Final = 256
 """Path events buffered per :meth:`Conn.path_events` iterator; a slow reader misses newer ones."""
-DERP_RECONNECT_MAX: Final = 5.0
-"""Upper bound of the relay reconnect back-off (seconds)."""
 CALL_ME_MAYBE_UNPROMPTED_GAP: Final = 5.0
 """With no known candidate of a peer, send it our endpoints at most this often (see _on_send)."""
 PORTMAP_RETRIES: Final = 3
@@ -285,17 +283,17 @@ class _Region:
         """Connect, read and write until cancelled or idle; reconnect with back-off on failure."""
         with self.scope:
             try:
-                backoff = 0.1
+                schedule = ReconnectSchedule()
                 while True:
                     client = await self._connect()
                     if client is None:
-                        await anyio.sleep(backoff)
-                        backoff = min(backoff * 2, DERP_RECONNECT_MAX)
+                        await anyio.sleep(schedule.failed(anyio.current_time()))
                         continue
-                    backoff = 0.1
+                    schedule.connected()
                     hint = await self._serve(client)
                     if hint is not None:
                         await anyio.sleep(hint.reconnect_in_ms / 1000)
+                        schedule.restarting(anyio.current_time(), hint)
                     if not self.home and anyio.current_time() - self.last_used >= self.conn._derp_idle_close:
                         self.conn._counters.derp_idle_closes += 1
                         return

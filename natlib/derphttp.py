@@ -108,6 +108,7 @@ __all__ = [
     "DerpConnectionClosed",
     "DerpEvent",
     "PersistentClient",
+    "ReconnectSchedule",
     "connect",
 ]
 
@@ -1060,6 +1061,32 @@ async def _upgrade_and_handshake(
 
 RECONNECT_BACKOFF_MAX: Final = 5.0
 """Longest wait between two reconnection attempts after an unannounced disconnect."""
+RECONNECT_RESTARTING_INTERVAL: Final = 0.1
+"""Wait between attempts while a relay's Restarting window (its try-for) is open."""
+
+
+class ReconnectSchedule:
+    """When to redial a relay (sans-io; time passed in): 0.1 s doubling up to
+    :data:`RECONNECT_BACKOFF_MAX` after failed attempts, but every
+    :data:`RECONNECT_RESTARTING_INTERVAL` while the window a Restarting frame announced is open,
+    so clients are back soon after a graceful relay restart."""
+
+    def __init__(self) -> None:
+        self._backoff = 0.1
+        self._retry_until = 0.0
+
+    def failed(self, now: float) -> float:
+        """An attempt failed at ``now``: seconds to wait before the next one."""
+        delay = RECONNECT_RESTARTING_INTERVAL if now < self._retry_until else self._backoff
+        self._backoff = min(self._backoff * 2, RECONNECT_BACKOFF_MAX)
+        return delay
+
+    def connected(self) -> None:
+        self._backoff, self._retry_until = 0.1, 0.0
+
+    def restarting(self, now: float, hint: Restarting) -> None:
+        """The relay announced a restart; ``now`` is when its reconnect-in delay has passed."""
+        self._retry_until = now + hint.try_for_ms / 1000
 
 
 class PersistentClient:
@@ -1135,19 +1162,16 @@ class PersistentClient:
         return await self._events_out.receive()
 
     async def _run(self) -> None:
-        backoff = 0.1
-        retry_until = 0.0  # while a Restarting window is open, retry quickly until then
+        schedule = ReconnectSchedule()
         while True:
             try:
                 client = await connect(self.url, self.private_key, **self.connect_options)
             except DerpConnectError as e:
-                now = anyio.current_time()
-                delay = 0.1 if now < retry_until else backoff
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+                delay = schedule.failed(anyio.current_time())
                 log.debug("reconnecting to %s in %.1fs: %s", self.url, delay, e)
                 await anyio.sleep(delay)
                 continue
-            backoff, retry_until = 0.1, 0.0
+            schedule.connected()
             self._client = client
             self.connects += 1
             self._connected.set()
@@ -1178,4 +1202,4 @@ class PersistentClient:
                     hint.try_for_ms,
                 )
                 await anyio.sleep(hint.reconnect_in_ms / 1000)
-                retry_until = anyio.current_time() + hint.try_for_ms / 1000
+                schedule.restarting(anyio.current_time(), hint)

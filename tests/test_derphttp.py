@@ -458,3 +458,17 @@ def test_exchange_under_asyncio() -> None:
 
     with _relay_in_thread() as (url, server_key):
         anyio.run(main, url, server_key, backend="asyncio")
+
+
+def test_reconnect_schedule_backs_off_but_retries_fast_in_a_restart_window() -> None:
+    from natlib.derp import Restarting
+    from natlib.derphttp import ReconnectSchedule
+
+    s = ReconnectSchedule()
+    assert [s.failed(0.0) for _ in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    s.connected()
+    s.restarting(10.0, Restarting(reconnect_in_ms=1000, try_for_ms=3000))
+    assert [s.failed(t) for t in (10.0, 11.0, 12.9)] == [0.1, 0.1, 0.1]
+    assert s.failed(13.0) == 0.8  # the window is over: the back-off went on meanwhile
+    s.connected()
+    assert s.failed(20.0) == 0.1
