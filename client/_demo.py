@@ -14,6 +14,7 @@ The helpers (:class:`MeshLab`) are what tests/netlab/test_meshnode_e2e.py drives
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import textwrap
@@ -26,7 +27,7 @@ import client
 
 from .keyfile import NodeKeys, write_key_file
 
-__all__ = ["DEMO_TOPOLOGY", "NODES", "MeshLab", "run_demo"]
+__all__ = ["DEMO_TOPOLOGY", "NODES", "MeshLab", "echoes_received", "run_demo"]
 
 #: name → (lab host, NAT kind); a node's overlay address follows its position here
 NODES: Final = {"alpha": ("a1", "easy"), "beta": ("b1", "hard"), "gamma": ("c1", "udp_blocked")}
@@ -43,13 +44,25 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def echoes_received(ping_output: str) -> int:
+    """The ``N received`` of iputils ``ping``'s summary (0 if there is none)."""
+    match = re.search(r"^\d+ packets transmitted, (\d+) received", ping_output, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
 class MeshLab:
     """The demo's mesh in a running lab: relay, files, and one ``meshnode up`` per node."""
 
     def __init__(
-        self, lab: Any, nodes: Mapping[str, tuple[str, str]] = NODES, workdir: Path | None = None
+        self,
+        lab: Any,
+        nodes: Mapping[str, tuple[str, str]] = NODES,
+        workdir: Path | None = None,
+        *,
+        verbose: bool = False,
     ) -> None:
         self.lab = lab
+        self.verbose = verbose  # ``meshnode up -v``: debug logs, for tests that explain failures
         self.nodes = dict(nodes)  # name → (lab host, NAT kind)
         self.workdir = workdir or lab.workdir / "mesh"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +70,7 @@ class MeshLab:
         self.procs: dict[str, Any] = {}
         self.relay: Any = None
         self.stun: Any = None
+        self.last_ping = ""  # the last ping_overlay's command and output, for diagnostics
 
     # --- the relay ------------------------------------------------------------------------------
 
@@ -165,6 +179,8 @@ class MeshLab:
             sys.executable, "-m", "client", "up", "-c", str(self.mesh_path), "-k", str(self.key_path(name)),
             "--ifname", self.ifname(name), "--control", str(self.control(name)),
         ]  # fmt: skip
+        if self.verbose:
+            argv.append("-v")
         proc = self.procs[name] = self.lab.spawn(self.nodes[name][0], argv, name=f"meshnode-{name}", env=_ENV)
         proc.wait_for_output(r"^meshnode up: mesh ", timeout=timeout)
 
@@ -184,10 +200,15 @@ class MeshLab:
         return next(p for p in self.status(name)["peers"] if p["name"] == peer)
 
     def ping_overlay(self, name: str, peer: str, count: int = 3, deadline: float = 20.0) -> bool:
-        """ICMP over the overlay; True if every echo came back within ``deadline`` seconds."""
+        """ICMP over the overlay; True if ``count`` echoes came back within ``deadline`` seconds.
+
+        ``ping -c N -w D`` sends until N replies arrive; replies that arrive together (a slow
+        first round trip while a path is set up) can make it more than N, which counts too.
+        """
         argv = ["ping", "-c", str(count), "-i", "0.2", "-w", str(int(deadline)), self.overlay(peer)]
         out = self.lab.run(self.nodes[name][0], argv, check=False, timeout=deadline + 10)
-        return f"{count} received" in out.stdout
+        self.last_ping = f"{name}$ {' '.join(argv)}\n{out.stdout}{out.stderr}"
+        return echoes_received(out.stdout) >= count
 
     def wait_all_online(self, names: Sequence[str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -199,6 +220,29 @@ class MeshLab:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"{peer} not online at {name} within {timeout} s")
                     time.sleep(0.5)  # polling another process's state, with a deadline
+
+    def diagnostics(self, log_lines: int = 60) -> str:
+        """What a failed check needs explained: each node's ``status --json`` and log tail, the relay's."""
+        parts = [f"--- last ping: {self.last_ping}"]
+        for name in self.nodes:
+            proc = self.procs.get(name)
+            if proc is None:
+                parts.append(f"--- {name}: not running")
+                continue
+            try:
+                out = self.meshnode(name, "status", "--json", check=False, timeout=10)
+                parts.append(f"--- {name} status (exit {out.returncode}):\n{out.stdout}{out.stderr}")
+            except Exception as e:  # a diagnostic must not hide the failure it explains
+                parts.append(f"--- {name} status: {e!r}")
+            if shutil.which("wg") is not None:
+                wg = self.lab.run(self.nodes[name][0], ["wg", "show", self.ifname(name)], check=False)
+                parts.append(f"--- {name} wg show:\n{wg.stdout}{wg.stderr}")
+            tail = proc.output().splitlines()[-log_lines:]
+            parts.append(f"--- {name} log ({proc.log_path}), last {len(tail)} lines:\n" + "\n".join(tail))
+        if self.relay is not None:
+            tail = self.relay.output().splitlines()[-log_lines:]
+            parts.append("--- relay log, last lines:\n" + "\n".join(tail))
+        return "\n".join(parts)
 
     def up(self) -> None:
         self.start_relay()

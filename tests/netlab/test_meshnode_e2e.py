@@ -41,7 +41,7 @@ TCP_CLIENT = (
 
 @pytest.fixture(scope="module")
 def mesh(netlab_module: Lab) -> MeshLab:
-    mesh = MeshLab(netlab_module)
+    mesh = MeshLab(netlab_module, verbose=True)
     mesh.up()
     mesh.wait_all_online(list(NODES), timeout=60)
     return mesh  # the lab's teardown stops every process
@@ -49,13 +49,13 @@ def mesh(netlab_module: Lab) -> MeshLab:
 
 def test_every_pair_pings_over_icmp_and_tcp(mesh: MeshLab) -> None:
     failed = [(a, b) for a, b in PAIRS if not mesh.ping_overlay(a, b)]
-    assert failed == []
+    assert failed == [], mesh.diagnostics()
     lab = mesh.lab
     for a, b in PAIRS:
         server = lab.spawn(NODES[b][0], [sys.executable, "-c", TCP_ECHO, mesh.overlay(b)], name=f"echo-{b}")
         server.wait_for_output("listening")
         out = lab.run(NODES[a][0], [sys.executable, "-c", TCP_CLIENT, mesh.overlay(b)], timeout=30)
-        assert out.stdout.strip() == "yalrevo", (a, b)
+        assert out.stdout.strip() == "yalrevo", ((a, b), mesh.diagnostics())
         assert server.wait(timeout=10) == 0
 
 
@@ -72,7 +72,7 @@ def test_status_shows_the_paths(mesh: MeshLab) -> None:
     # drives it). The deadline leaves room for one retry (natlib.conn's BIRTHDAY_RETRY, 60 s).
     deadline = time.monotonic() + 80
     while {mesh.peer("alpha", "beta")["path"], mesh.peer("beta", "alpha")["path"]} != {"direct"}:
-        assert time.monotonic() < deadline, (mesh.peer("alpha", "beta"), mesh.peer("beta", "alpha"))
+        assert time.monotonic() < deadline, mesh.diagnostics()
         mesh.ping_overlay("alpha", "beta", count=1)
     for a, b in PAIRS:
         row = mesh.peer(a, b)
@@ -117,8 +117,8 @@ def test_relay_restart_relayed_pairs_recover(mesh: MeshLab) -> None:
     mesh.start_relay()
     started = time.monotonic()
     # Relayed pairs recover within 10 s of the relay being back (plus ping's own second).
-    assert mesh.ping_overlay("alpha", "gamma", count=1, deadline=12)
-    assert mesh.ping_overlay("gamma", "beta", count=1, deadline=12)
+    assert mesh.ping_overlay("alpha", "gamma", count=1, deadline=12), mesh.diagnostics()
+    assert mesh.ping_overlay("gamma", "beta", count=1, deadline=12), mesh.diagnostics()
     assert time.monotonic() - started < 25
 
 
@@ -133,8 +133,8 @@ def test_stopped_node_shows_offline_and_rejoins(mesh: MeshLab) -> None:
     assert mesh.ping_overlay("alpha", "gamma", count=1)  # the others are undisturbed
     mesh.start_node("beta")
     mesh.wait_all_online(list(NODES), timeout=60)
-    assert mesh.ping_overlay("alpha", "beta")
-    assert mesh.ping_overlay("gamma", "beta")
+    assert mesh.ping_overlay("alpha", "beta"), mesh.diagnostics()
+    assert mesh.ping_overlay("gamma", "beta"), mesh.diagnostics()
 
 
 def test_netcheck_with_the_mesh_relays(mesh: MeshLab) -> None:
