@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from natlib.keys import DiscoPublicKey, NodePublicKey
 
-__all__ = ["BurstReceiver", "DatagramConn", "MeshConn", "PathView", "PingView"]
+__all__ = ["BurstReceiver", "BurstSender", "DatagramConn", "MeshConn", "PathView", "PingView"]
 
 
 class PathView(Protocol):
@@ -62,6 +62,15 @@ class BurstReceiver(Protocol):
     ``Conn.receive_nowait``): the proxies drain a burst per wake-up with it."""
 
     def receive_nowait(self) -> tuple[NodePublicKey, bytes] | None: ...
+
+
+@runtime_checkable
+class BurstSender(Protocol):
+    """A connection that can also take several datagrams for one peer in one call (natlib's
+    ``Conn.send_many``, which sends runs of them in one system call): the proxies hand it what
+    one wake-up read from the engine."""
+
+    async def send_many(self, node_key: NodePublicKey, datagrams: Sequence[bytes]) -> None: ...
 
 
 class MeshConn(DatagramConn, Protocol):

@@ -11,7 +11,8 @@ the sockets and every relay connection, and makes later calls raise :class:`Conn
 * one reader per UDP socket. Every datagram is demultiplexed: a STUN answer to one of our
   transactions (the shared :class:`~natlib.stunclient.StunClient` says so), else a disco packet
   (the magic), else data, accepted only from an address an authenticated disco packet of a peer
-  came from (and delivered as that peer's);
+  came from (and delivered as that peer's). Under trio the socket has GRO on
+  (:mod:`natlib.udpbatch`): one read may carry a run of a peer's datagrams, split first;
 * one task per relay region: connect, send NotePreferred on the home region, read, reconnect with
   back-off; a region other than the home one is closed after :data:`DERP_IDLE_CLOSE` seconds
   without traffic. Sends to the relay are queued (bounded) and written by the region's writer,
@@ -78,6 +79,7 @@ from .path import (
     SendDiscoPong,
 )
 from .stunclient import StunClient, StunResult
+from .udpbatch import GRO_ANCILLARY_SIZE, BatchSender, enable_gro, split_coalesced
 
 __all__ = [
     "DERP_IDLE_CLOSE",
@@ -214,6 +216,8 @@ class _ConnCounters:
     udp_datagrams_received: int = 0
     udp_bytes_received: int = 0
     udp_send_errors: int = 0
+    udp_segmented_sends: int = 0
+    udp_coalesced_reads: int = 0
     derp_packets_received: int = 0
     derp_packets_sent: int = 0
     derp_dropped_queue_full: int = 0
@@ -430,6 +434,8 @@ class Conn:
         self._addr_cache: dict[tuple[str, int], AddrPort] = {}
         # Where a datagram to an address goes (socket, sockaddr); cleared when _routes changes.
         self._udp_targets: dict[AddrPort, tuple[socket.socket, tuple[str, int]]] = {}
+        # Segmented (GSO) senders of send_many, per socket (birthday sockets come and go).
+        self._batch_senders: dict[socket.socket, BatchSender] = {}
         # Data fast path: recvfrom's source → (peer, address); cleared when _by_addr changes.
         self._by_source: dict[tuple[Any, Any], tuple[_Peer, AddrPort]] = {}
         self._sends_since_yield = 0
@@ -527,6 +533,55 @@ class Conn:
             await anyio.lowlevel.checkpoint()
         else:
             await anyio.lowlevel.checkpoint_if_cancelled()
+
+    async def send_many(self, node_key: NodePublicKey, datagrams: Sequence[bytes]) -> None:
+        """Send several datagrams to one peer, in order: :meth:`send` for a batch, cheaper per datagram.
+
+        Each datagram takes the path the peer's machine gives it (as :meth:`send`); consecutive
+        datagrams by UDP to the same address leave in as few system calls as the kernel allows
+        (:mod:`natlib.udpbatch`: runs of equal size in one segmented send). Never waits for the
+        relay or the socket; a checkpoint like :meth:`send`, yielding once per call.
+        """
+        self._check_open()
+        peer = self._peer(node_key)
+        now = self._now()
+        if self._gatherer is not None and now - self._activity_noted >= 1.0:
+            self._activity_noted = now
+            self._gatherer.note_activity()
+        path = peer.path
+        run: list[bytes] = []
+        run_addr: AddrPort | None = None
+        relayed = False
+        for datagram in datagrams:
+            datagram = bytes(datagram)
+            udp, via_relay = path.note_sent(now, datagram)
+            if udp is not None:
+                if udp != run_addr and run_addr is not None and run:
+                    self._send_udp_batch_nowait(peer, run_addr, run)
+                    run = []
+                run_addr = udp
+                run.append(datagram)
+            if via_relay:
+                if run_addr is not None and run:  # keep the order of UDP and relay sends
+                    self._send_udp_batch_nowait(peer, run_addr, run)
+                    run = []
+                self._send_relay(peer, datagram)
+                relayed = True
+        if run_addr is not None and run:
+            self._send_udp_batch_nowait(peer, run_addr, run)
+        if relayed:
+            self._on_send(peer, now)
+            self._maybe_birthday(peer, now)
+        else:
+            peer.relay_since = None
+        for action in path.take_actions():
+            self._do_action(peer, action)
+        if self._timer_sleeps_until - now > _SEND_TIMER_SLACK:
+            deadline = path.next_deadline()
+            if deadline is not None and deadline < self._timer_sleeps_until:
+                self._timer_wakeup.set()
+        self._sends_since_yield = 0
+        await anyio.lowlevel.checkpoint()
 
     async def receive(self) -> tuple[NodePublicKey, bytes]:
         """The next datagram from any peer. Raises :class:`ConnClosedError` after close."""
@@ -688,7 +743,8 @@ class Conn:
     def _socket_for(self, addr: AddrPort) -> anyio.abc.UDPSocket | None:
         return self._sockets.get(6 if addr.is_ipv6 else 4)
 
-    def _send_udp_nowait(self, peer: _Peer, addr: AddrPort, packet: bytes) -> None:
+    def _udp_target(self, peer: _Peer, addr: AddrPort) -> tuple[socket.socket, tuple[str, int]] | None:
+        """The socket a datagram to ``addr`` leaves from, and ``addr`` as a socket address."""
         target = self._udp_targets.get(addr)
         if target is None:
             raw = self._routes.get(addr)
@@ -696,11 +752,17 @@ class Conn:
                 sock = self._socket_for(addr)
                 if sock is None:
                     peer.path.note_send_error(anyio.current_time(), addr)
-                    return
+                    return None
                 raw = self._raw_sockets[id(sock)]
             if len(self._udp_targets) >= _ADDR_CACHE_MAX:
                 self._udp_targets.clear()
             target = self._udp_targets[addr] = (raw, addr.socket_address())
+        return target
+
+    def _send_udp_nowait(self, peer: _Peer, addr: AddrPort, packet: bytes) -> None:
+        target = self._udp_target(peer, addr)
+        if target is None:
+            return
         raw, sockaddr = target
         try:
             raw.sendto(packet, sockaddr)
@@ -708,14 +770,33 @@ class Conn:
             self._counters.udp_send_errors += 1  # socket buffer full: a lost datagram, like the wire
         except OSError as e:
             self._counters.udp_send_errors += 1
-            log.debug("UDP send to %s failed: %s", addr, e)
-            now = anyio.current_time()
-            if e.errno in _LINK_ERRNOS and peer.path.send_targets(now).udp == addr:
-                # The working direct path just became unroutable: our address or route is going
-                # away. The relay connection likely rides on it too; redial now, before the
-                # network monitor confirms (what is queued meanwhile waits for the new one).
-                self._redial_relays(now)
-            peer.path.note_send_error(now, addr)
+            self._udp_send_failed(peer, addr, e)
+
+    def _send_udp_batch_nowait(self, peer: _Peer, addr: AddrPort, datagrams: list[bytes]) -> None:
+        """Like _send_udp_nowait for several datagrams: runs of equal size go out segmented (GSO)."""
+        target = self._udp_target(peer, addr)
+        if target is None:
+            return
+        raw, sockaddr = target
+        sender = self._batch_senders.get(raw)
+        if sender is None:
+            sender = self._batch_senders[raw] = BatchSender(raw)
+        calls = sender.segmented_sends
+        unsent, error = sender.send(datagrams, sockaddr)
+        self._counters.udp_segmented_sends += sender.segmented_sends - calls
+        self._counters.udp_send_errors += unsent
+        if error is not None:
+            self._udp_send_failed(peer, addr, error)
+
+    def _udp_send_failed(self, peer: _Peer, addr: AddrPort, e: OSError) -> None:
+        log.debug("UDP send to %s failed: %s", addr, e)
+        now = anyio.current_time()
+        if e.errno in _LINK_ERRNOS and peer.path.send_targets(now).udp == addr:
+            # The working direct path just became unroutable: our address or route is going
+            # away. The relay connection likely rides on it too; redial now, before the
+            # network monitor confirms (what is queued meanwhile waits for the new one).
+            self._redial_relays(now)
+        peer.path.note_send_error(now, addr)
 
     async def _send_udp(self, peer: _Peer, addr: AddrPort, packet: bytes) -> None:
         self._send_udp_nowait(peer, addr, packet)
@@ -784,6 +865,9 @@ class Conn:
             self._on_udp(data, source)
 
     async def _read_udp_batched(self, raw: socket.socket) -> None:
+        if enable_gro(raw):
+            await self._read_udp_coalesced(raw)
+            return
         while True:
             await anyio.wait_readable(raw)
             for _ in range(READ_BATCH):
@@ -795,6 +879,26 @@ class Conn:
                     log.debug("UDP receive error (ignored): %s", e)
                     continue
                 self._on_udp(data, source)
+
+    async def _read_udp_coalesced(self, raw: socket.socket) -> None:
+        """_read_udp_batched on a socket with GRO: one read may carry a run of datagrams."""
+        recvmsg = raw.recvmsg
+        while True:
+            await anyio.wait_readable(raw)
+            for _ in range(READ_BATCH):
+                try:
+                    data, ancillary, _flags, source = recvmsg(_MAX_UDP, GRO_ANCILLARY_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:  # a queued ICMP error; the socket stays usable
+                    log.debug("UDP receive error (ignored): %s", e)
+                    continue
+                if not ancillary:
+                    self._on_udp(data, source)
+                    continue
+                self._counters.udp_coalesced_reads += 1
+                for datagram in split_coalesced(data, ancillary):
+                    self._on_udp(datagram, source)
 
     def _source(self, source: tuple[Any, ...]) -> AddrPort | None:
         key = (source[0], source[1])
@@ -967,7 +1071,7 @@ class Conn:
         peer's first public IPv4 endpoint; an easy side probes the peer's public IPv4 address at
         random ports. An easy side cannot know that the peer is hard (the wire format has no room
         for it); it infers it from discovery failing for BIRTHDAY_GRACE while the relay carries
-        traffic. Probing is bounded (natlib.birthday: 11 s, 1024 probes / 256 sockets) and
+        traffic. Probing is bounded (natlib.birthday: 11 s, 2500 probes / 256 sockets) and
         repeated at most every BIRTHDAY_RETRY seconds per peer, so a pair that cannot connect
         (hard ↔ hard, blocked UDP) costs little.
         """
@@ -1045,6 +1149,7 @@ class Conn:
         for addr in [a for a, r in self._routes.items() if r is raw]:
             del self._routes[addr]
         self._udp_targets.clear()
+        self._batch_senders.pop(raw, None)
 
     def _stop_birthday(self, peer: _Peer) -> None:
         if peer.birthday_scope is not None:

@@ -102,6 +102,7 @@ class MemoryConn:
             tuple[NodePublicKey, FakePath]
         ](1000)
         self.sent: list[tuple[NodePublicKey, bytes]] = []
+        self.batches: list[int] = []
 
     def add_peer(
         self,
@@ -131,6 +132,12 @@ class MemoryConn:
                 other._inbox_send.send_nowait((self.me, datagram))
             except anyio.WouldBlock:
                 pass  # a full receive queue drops, as natlib's does
+
+    async def send_many(self, node_key: NodePublicKey, datagrams: Sequence[bytes]) -> None:
+        """natlib's batch send; each call is recorded in :attr:`batches` (its size)."""
+        self.batches.append(len(datagrams))
+        for datagram in datagrams:
+            await self.send(node_key, datagram)
 
     async def receive(self) -> tuple[NodePublicKey, bytes]:
         return await self._inbox.receive()

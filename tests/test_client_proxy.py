@@ -19,6 +19,7 @@ from client._endpoint import Endpoint
 from client._proxy import LOOPBACK, READ_BATCH, LoopbackProxies, open_loopback_proxies
 from natlib.derpmap import DERPMap
 from natlib.keys import DiscoPrivateKey, NodePrivateKey
+from natlib.udpbatch import BatchSender
 
 KEYS = {name: NodePrivateKey.generate() for name in ("a", "b", "c")}
 DISCO = {name: DiscoPrivateKey.generate() for name in ("a", "b", "c")}
@@ -167,3 +168,89 @@ async def test_bad_engine_port_is_refused() -> None:
         with pytest.raises(ValueError, match="engine port 0 is not in 1-65535"):
             async with open_loopback_proxies(conn, [PUB["b"]], 0):
                 pass
+
+
+def plain_engine() -> socket.socket:
+    """An engine socket the test writes to without awaiting: a burst is queued before the proxy wakes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOOPBACK, 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def test_an_engine_burst_goes_to_natlib_in_one_batch() -> None:
+    network = MemoryNetwork()
+    burst = [b"\x04data %02d" % i for i in range(10)]
+    with plain_engine() as engine:
+        async with node(network, "a", ("b",), engine.getsockname()[1]) as (conn_a, proxies):
+            to_b = proxies.endpoint(PUB["b"])
+            for datagram in burst:
+                engine.sendto(datagram, (str(to_b.ip), to_b.port))
+            with anyio.fail_after(5):
+                while len(conn_a.sent) < len(burst):
+                    await anyio.wait_all_tasks_blocked()
+    assert conn_a.sent == [(PUB["b"], d) for d in burst]
+    assert conn_a.batches == [10]  # one wake-up, one send_many
+    assert proxies.counters(PUB["b"]).to_peer_packets == 10
+
+
+class SendOnlyConn:
+    """A connection with only send and receive (no send_many, no receive_nowait)."""
+
+    def __init__(self, inner: MemoryConn) -> None:
+        self.inner = inner
+
+    async def send(self, node_key: object, datagram: bytes) -> None:
+        await self.inner.send(node_key, datagram)  # type: ignore[arg-type]
+
+    async def receive(self) -> tuple[object, bytes]:
+        return await self.inner.receive()
+
+
+async def test_a_connection_without_batches_gets_one_datagram_at_a_time() -> None:
+    network = MemoryNetwork()
+    burst = [b"\x04data %02d" % i for i in range(5)]
+    with plain_engine() as engine:
+        async with network.open_conn(KEYS["a"], DISCO["a"], DERPMap()) as conn:
+            conn.add_peer(PUB["b"], DISCO["b"].public, 900)
+            async with open_loopback_proxies(
+                SendOnlyConn(conn),  # type: ignore[arg-type]
+                [PUB["b"]],
+                engine.getsockname()[1],
+            ) as proxies:
+                to_b = proxies.endpoint(PUB["b"])
+                for datagram in burst:
+                    engine.sendto(datagram, (str(to_b.ip), to_b.port))
+                conn.inject(PUB["b"], b"\x04back")
+                with anyio.fail_after(5):
+                    while len(conn.sent) < len(burst):
+                        await anyio.wait_all_tasks_blocked()
+                    while True:
+                        try:
+                            data, source = engine.recvfrom(100)
+                            break
+                        except BlockingIOError:
+                            await anyio.sleep(0.01)
+    assert conn.sent == [(PUB["b"], d) for d in burst] and conn.batches == []
+    assert (data, source) == (b"\x04back", (LOOPBACK, to_b.port))
+
+
+async def test_a_run_from_one_peer_reaches_the_engine_in_one_segmented_send() -> None:
+    """Equal-sized datagrams from one peer in one wake-up: one GSO send, split by the kernel into
+    the same datagrams at the engine's (ordinary) socket."""
+    network = MemoryNetwork()
+    run = [bytes([4, i]) * 656 for i in range(40)]  # 1312 bytes each, like WireGuard's at MTU 1280
+    async with (
+        await engine_socket() as engine,
+        node(network, "a", ("b",), port_of(engine)) as (conn_a, proxies),
+    ):
+        for datagram in run:
+            conn_a.inject(PUB["b"], datagram)
+        with anyio.fail_after(5):
+            received = [(await engine.receive())[0] for _ in run]
+    assert received == run
+    counters = proxies.counters(PUB["b"])
+    assert (counters.to_engine_packets, counters.to_engine_bytes) == (40, 40 * 1312)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        gso = BatchSender(probe).gso
+    assert counters.to_engine_sends == (1 if gso else 40)

@@ -157,6 +157,15 @@ async def _exchange(relay: LoopbackRelay) -> dict[str, object]:
             stats = a.stats()
             facts["direct_sent"] = stats["paths"]["datagrams_direct"] - before
             facts["relay_sent"] = stats["paths"]["datagrams_relay"] - before_relay
+            # A bulk batch (what a proxy reads from WireGuard in one wake-up): equal sizes, so it
+            # leaves in segmented sends (GSO) and, under trio, is read back coalesced (GRO).
+            bulk = [b"bulk %04d " % i + b"x" * 1190 for i in range(120)]
+            await a.send_many(b.node_key, bulk)
+            with anyio.fail_after(5):
+                while bulk[-1] not in received_b:
+                    await anyio.sleep(0.01)
+            facts["bulk"] = (bulk, [d for d in received_b if d.startswith(b"bulk")])
+            facts["direct_sent_many"] = a.stats()["paths"]["datagrams_direct"] - before
             facts["received_b"] = list(received_b)
             facts["ping"] = await a.ping(b.node_key, timeout=2.0)
             facts["events"] = list(events)
@@ -170,13 +179,16 @@ async def _exchange(relay: LoopbackRelay) -> dict[str, object]:
     return facts
 
 
-def _check(facts: dict[str, object], port_hint: str = "") -> None:
+def _check(facts: dict[str, object], *, coalesced_reads: bool) -> None:
     path = facts["path"]
     assert isinstance(path, PathInfo)
     assert path.kind == "direct" and path.address is not None and path.region is None
     assert path.rtt is not None and 0 <= path.rtt < 1
     assert facts["direct_sent"] == 20
     assert facts["relay_sent"] == 0
+    assert facts["direct_sent_many"] == 20 + 120
+    sent, received_bulk = facts["bulk"]  # type: ignore[misc]
+    assert received_bulk == sent  # all of them, in order
     received = facts["received_b"]
     assert isinstance(received, list)
     assert [d for d in received if d.startswith(b"direct")] == [b"direct %d" % i for i in range(20)]
@@ -197,18 +209,21 @@ def _check(facts: dict[str, object], port_hint: str = "") -> None:
     assert stats["paths"]["call_me_maybe_received"] + stats_b["paths"]["call_me_maybe_received"] >= 1
     assert stats["derp_packets_received"] >= 1
     assert stats["disco_dropped"] == {}
+    # 120 × 1200 bytes: three runs of at most 53 (MAX_RUN_BYTES); more only if the kernel refused.
+    assert stats["udp_segmented_sends"] == 3, stats
+    assert (stats_b["udp_coalesced_reads"] > 0) is coalesced_reads, stats_b
 
 
 async def test_two_conns_go_direct_under_trio(relay: LoopbackRelay) -> None:
     facts = await _exchange(relay)
-    _check(facts)
+    _check(facts, coalesced_reads=True)
     await trio.lowlevel.checkpoint()
 
 
 def test_two_conns_go_direct_under_asyncio(relay: LoopbackRelay) -> None:
     """A plain sync test (so pytest-trio leaves it alone) running the same exchange under asyncio."""
     facts = anyio.run(_exchange, relay, backend="asyncio")
-    _check(facts)
+    _check(facts, coalesced_reads=False)  # anyio's asyncio transport reads one datagram at a time
 
 
 async def test_bad_input_is_dropped_and_counted(relay: LoopbackRelay) -> None:

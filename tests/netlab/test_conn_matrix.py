@@ -185,8 +185,8 @@ def _write_doc(results: dict[tuple[str, str], CellResult]) -> None:
         "sites are IPv4-only), so `v6only` reaches only `v6only` directly. Birthday probing: each "
         "side knows from its own two-server STUN round whether its mapping varies by destination "
         "(hard); a peer still on the relay 1 s after it started sending probes as its side "
-        "(hard: 256 sockets toward the peer's public endpoint; easy: 1024 random ports of the peer's "
-        "public IP at 100/s), at most once a minute.",
+        "(hard: 256 sockets toward the peer's public endpoint; easy: 2500 random ports of the peer's "
+        "public IP at 250/s), at most once a minute.",
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
