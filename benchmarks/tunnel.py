@@ -202,7 +202,7 @@ def run(seconds: int, reps: int) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
-        mesh.stop_relay(stun=True)
+        mesh.stop_relay()
     medians = {k: statistics.median(v) for k, v in runs.items()}
     return {
         "benchmark": "tunnel",

@@ -1,12 +1,12 @@
 """``meshnode demo``: a relay and three nodes behind different NATs, in a throwaway lab (root).
 
 It builds a :mod:`natlib.testing` lab: a relay on a public server host (``python -m relay``, TLS
-with a self-signed certificate pinned in the DERPMap, and the lab's STUN server on both of the
-host's addresses), node ``alpha`` behind an easy NAT,
-``beta`` behind a hard NAT and ``gamma`` behind a NAT that blocks UDP. It writes the mesh file and
-the three key files into the lab's directory, starts ``meshnode up`` in each node's namespace,
-pings every pair over the overlay, prints each node's path table, then tears everything down
-(also on an error or Ctrl-C: the lab stops every process and deletes every namespace).
+with a self-signed certificate pinned in the DERPMap, and its STUN server on both of the host's
+addresses), node ``alpha`` behind an easy NAT, ``beta`` behind a hard NAT and ``gamma`` behind a
+NAT that blocks UDP. It writes the mesh file and the three key files into the lab's directory,
+starts ``meshnode up`` in each node's namespace, pings every pair over the overlay, prints each
+node's path table, then tears everything down (also on an error or Ctrl-C: the lab stops every
+process and deletes every namespace).
 
 The helpers (:class:`MeshLab`) are what tests/netlab/test_meshnode_e2e.py drives, step by step.
 """
@@ -35,6 +35,7 @@ DEMO_TOPOLOGY: Final = "a=easy,b=hard,c=udp_blocked"
 RELAY_SERVER: Final = "relay"
 REGION_ID: Final = 900
 STUN_PORT: Final = 3478
+_NAT_WORDS: Final = {"easy": "an easy NAT", "hard": "a hard NAT", "udp_blocked": "a NAT that blocks UDP"}
 _ROOT: Final = Path(client.__file__).resolve().parents[1]
 _ENV: Final = {"PYTHONPATH": str(_ROOT)}
 
@@ -69,7 +70,6 @@ class MeshLab:
         self.keys = {name: NodeKeys.generate() for name in self.nodes}
         self.procs: dict[str, Any] = {}
         self.relay: Any = None
-        self.stun: Any = None
         self.last_ping = ""  # the last ping_overlay's command and output, for diagnostics
 
     # --- the relay ------------------------------------------------------------------------------
@@ -77,26 +77,22 @@ class MeshLab:
     def start_relay(self) -> None:
         """Start (or restart) the relay; the first start writes the DERPMap with its cert pin.
 
-        STUN comes from the lab's STUN server on each of the server's addresses (started once,
-        it survives relay restarts): two STUN addresses let every node tell whether its NAT's
-        mapping varies by destination, which decides its side in birthday probing (hard↔easy
-        direct). The relay's own STUN socket is bound to the wildcard address and would answer a
-        query to the second address from the first.
+        STUN comes from the relay too (port 3478 on every address of the host, each answered from
+        the address it was asked on). The DERPMap lists both of the server's addresses: two STUN
+        addresses let every node tell whether its NAT's mapping varies by destination, which
+        decides its side in birthday probing (hard↔easy direct).
         """
         host = self.lab.host(RELAY_SERVER)
-        if self.stun is None:
-            from natlib.testing import start_stun_server
-
-            self.stun = start_stun_server(self.lab, RELAY_SERVER, ports=(STUN_PORT,))
         relay_dir = self.workdir / "relay"
         argv = [
             sys.executable, "-m", "relay", "-a", ":443", "-certmode", "manual",
             "-certdir", str(relay_dir / "certs"), "-hostname", host.ipv4[0],
-            "-c", str(relay_dir / "derper.key"), "-stun=false", "-metrics-addr=off",
+            "-c", str(relay_dir / "derper.key"), "-stun-port", str(STUN_PORT), "-metrics-addr=off",
         ]  # fmt: skip
         self.relay = self.lab.spawn(RELAY_SERVER, argv, name="relay", env=_ENV)
         node = json.loads(self.relay.wait_for_output(r"^\s*(\{.*sha256-raw:.*\})\s*$", timeout=30).group(1))
         self.relay.wait_for_output(r"serving DERP on", timeout=30)
+        self.relay.wait_for_output(r"STUN server listening on UDP", timeout=30)
         derp_map = {
             "Regions": {
                 str(REGION_ID): {
@@ -132,11 +128,8 @@ class MeshLab:
         }
         (self.workdir / "derpmap.json").write_text(json.dumps(derp_map, indent=2) + "\n")
 
-    def stop_relay(self, *, stun: bool = False) -> None:
-        """Stop the relay (and with ``stun=True`` the STUN server too)."""
-        if stun and self.stun is not None:
-            self.stun.stop()
-            self.stun = None
+    def stop_relay(self) -> None:
+        """Stop the relay (its DERP and STUN service)."""
         if self.relay is not None:
             self.relay.stop(timeout=10)
             self.relay = None
@@ -274,7 +267,7 @@ def _run_demo() -> int:
     with Lab(topology) as lab:
         mesh = MeshLab(lab)
         _write(f"lab {lab.id}: relay on {lab.host(RELAY_SERVER).address}; ")
-        _write(", ".join(f"{n} behind a {kind} NAT" for n, (_, kind) in NODES.items()) + "\n")
+        _write(", ".join(f"{n} behind {_NAT_WORDS.get(kind, kind)}" for n, (_, kind) in NODES.items()) + "\n")
         mesh.up()
         _write(f"mesh up (files in {mesh.workdir}); waiting for every peer to answer...\n")
         mesh.wait_all_online(list(NODES))
@@ -291,6 +284,6 @@ def _run_demo() -> int:
         _write(mesh.meshnode("alpha", "ping", "beta", "--count", "5", check=False).stdout)
         for name in list(mesh.procs):
             mesh.stop_node(name)
-        mesh.stop_relay(stun=True)
+        mesh.stop_relay()
     _write("\nlab torn down\n" if not failures else f"\n{failures} pairs failed; lab torn down\n")
     return 0 if not failures else 1
