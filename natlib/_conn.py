@@ -101,6 +101,9 @@ DERP_IDLE_CLOSE: Final = 60.0
 """A relay region other than the home one is disconnected after this many idle seconds."""
 DERP_QUEUE_LEN: Final = 1024
 """Packets queued per relay region while its connection writes; beyond that they are dropped."""
+DERP_WRITE_BATCH: Final = 64
+DERP_WRITE_BATCH_BYTES: Final = 64 << 10
+"""At most this many queued packets (or bytes) go to the relay in one write."""
 RECEIVE_QUEUE_LEN: Final = 4096
 """Datagrams received and not yet taken by :meth:`Conn.receive`; beyond that they are dropped."""
 PATH_EVENT_QUEUE_LEN: Final = 256
@@ -369,10 +372,24 @@ class _Region:
         return hint
 
     async def _write(self, client: DerpClient, scope: anyio.CancelScope) -> None:
+        """Write what is queued; a burst waiting in the queue goes out in one write."""
+        queue = self._queue_out
         try:
-            async for dst, packet in self._queue_out:
-                await client.send(dst, packet)
-                self.conn._counters.derp_packets_sent += 1
+            async for dst, packet in queue:
+                batch = [(dst, packet)]
+                size = len(packet)
+                while len(batch) < DERP_WRITE_BATCH and size < DERP_WRITE_BATCH_BYTES:
+                    try:
+                        item = queue.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    batch.append(item)
+                    size += len(item[1])
+                if len(batch) == 1:
+                    await client.send(dst, packet)
+                else:
+                    await client.send_packets(batch)
+                self.conn._counters.derp_packets_sent += len(batch)
         except DerpConnectionClosed:
             scope.cancel()
 

@@ -284,6 +284,23 @@ async def test_receive_cancellation_loses_nothing(relay_http: Any) -> None:
         assert (await _recv_packet(c)).packet == b"after cancel"
 
 
+async def test_send_packets_delivers_a_burst_in_order(relay_http: Any) -> None:
+    async with (
+        await connect(relay_http.url, NodePrivateKey.generate()) as a,
+        await connect(relay_http.url, NodePrivateKey.generate()) as b,
+    ):
+        burst = [b"burst %03d" % i for i in range(100)] + [b""]
+        await a.send_packets([(b.local_key, p) for p in burst])
+        got = [await _recv_packet(b) for _ in burst]
+        assert [g.packet for g in got] == burst
+        assert {NodePublicKey(g.src) for g in got} == {a.local_key}
+        # One oversized packet: nothing of the burst is sent.
+        with pytest.raises(ValueError, match="exceeds DERP's 65536"):
+            await a.send_packets([(b.local_key, b"not sent"), (b.local_key, bytes(65537))])
+        await a.send(b.local_key, b"after")
+        assert (await _recv_packet(b)).packet == b"after"
+
+
 async def test_peer_gone_when_sender_closes(relay_http: Any) -> None:
     async with await connect(relay_http.url, NodePrivateKey.generate()) as b:
         a = await connect(relay_http.url, NodePrivateKey.generate())
