@@ -123,6 +123,7 @@ def test_relay_restart_relayed_pairs_recover(mesh: MeshLab) -> None:
 
 
 def test_stopped_node_shows_offline_and_rejoins(mesh: MeshLab) -> None:
+    others = {name: mesh.procs[name].pid for name in ("alpha", "gamma")}
     assert mesh.stop_node("beta") == 0
     for name in ("alpha", "gamma"):
         deadline = time.monotonic() + 30
@@ -135,6 +136,9 @@ def test_stopped_node_shows_offline_and_rejoins(mesh: MeshLab) -> None:
     mesh.wait_all_online(list(NODES), timeout=60)
     assert mesh.ping_overlay("alpha", "beta"), mesh.diagnostics()
     assert mesh.ping_overlay("gamma", "beta"), mesh.diagnostics()
+    # Rejoining touched nobody else: the same daemons, still running.
+    assert {name: mesh.procs[name].pid for name in others} == others
+    assert all(mesh.procs[name].returncode is None for name in others)
 
 
 def test_netcheck_with_the_mesh_relays(mesh: MeshLab) -> None:
