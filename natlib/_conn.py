@@ -53,7 +53,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from . import disco
 from ._conn_birthday import BirthdayRun
-from .birthday import EasySidePlan, HardSidePlan
+from .birthday import EasySidePlan, HardSidePlan, retry_interval
 from .candidates import (
     AddressFilter,
     Candidate,
@@ -115,8 +115,6 @@ PORTMAP_RETRY_DELAY: Final = 1.0
 """After a round whose port mapping failed, re-gather after 1 s, 2 s, 3 s (then only periodically)."""
 BIRTHDAY_GRACE: Final = 1.0
 """Sending on the relay this long without a direct path starts birthday probing (see _maybe_birthday)."""
-BIRTHDAY_RETRY: Final = 60.0
-"""At most one birthday attempt per peer this often."""
 CALL_ME_MAYBE_ANSWER_GAP: Final = 5.0
 """A received CallMeMaybe is answered with ours (see _on_disco) at most this often per peer."""
 REDIAL_MIN_GAP: Final = 1.0
@@ -202,6 +200,7 @@ class _Peer:
     birthday: BirthdayRun | None = None
     birthday_scope: anyio.CancelScope | None = None
     birthday_last: float | None = None
+    birthday_misses: int = 0  # attempts in a row that found nothing
     call_me_maybe_pending: bool = False
 
 
@@ -1089,8 +1088,9 @@ class Conn:
         random ports. An easy side cannot know that the peer is hard (the wire format has no room
         for it); it infers it from discovery failing for BIRTHDAY_GRACE while the relay carries
         traffic. Probing is bounded (natlib.birthday: 11 s, 2500 probes / 256 sockets) and
-        repeated at most every BIRTHDAY_RETRY seconds per peer, so a pair that cannot connect
-        (hard ↔ hard, blocked UDP) costs little.
+        repeated per peer after :func:`natlib.birthday.retry_interval` (a minute, doubling after
+        each miss up to half an hour; a network change starts over), so a pair that cannot
+        connect (hard ↔ hard, blocked UDP) costs little.
         """
         if peer.birthday is not None or not self.birthday_probing or self._tg is None or self._closed:
             return
@@ -1102,7 +1102,7 @@ class Conn:
             return
         if now - peer.relay_since < BIRTHDAY_GRACE:
             return
-        if peer.birthday_last is not None and now - peer.birthday_last < BIRTHDAY_RETRY:
+        if peer.birthday_last is not None and now - peer.birthday_last < retry_interval(peer.birthday_misses):
             return
         report = self.last_gather
         hard = report.mapping_varies_by_dest_ip if report is not None else None
@@ -1155,8 +1155,11 @@ class Conn:
         try:
             with scope:
                 await run.run()
-            if run.winner is None:
+            if run.winner is not None:
+                peer.birthday_misses = 0
+            elif not scope.cancel_called:
                 self._counters.birthday_gave_up += 1
+                peer.birthday_misses += 1
         finally:
             if peer.birthday is run:
                 peer.birthday = None
@@ -1296,6 +1299,7 @@ class Conn:
         for peer in list(self._peers.values()):
             self._stop_birthday(peer)
             peer.birthday_last = peer.relay_since = None
+            peer.birthday_misses = 0
             peer.path.on_link_change(now)
             for action in peer.path.take_actions():
                 self._do_action(peer, action)

@@ -50,6 +50,8 @@ __all__ = [
     "HARD_SOCKETS",
     "PORT_SPACE",
     "PROBE_TIME_LIMIT",
+    "RETRY_INTERVAL",
+    "RETRY_INTERVAL_MAX",
     "BirthdayConfig",
     "EasySidePlan",
     "HardSidePlan",
@@ -60,6 +62,7 @@ __all__ = [
     "SendProbe",
     "hard_hard_success_probability",
     "probes_needed",
+    "retry_interval",
     "success_probability",
 ]
 
@@ -80,6 +83,25 @@ EASY_MAX_PROBES: Final = 2500
 """Distinct ports the easy side tries at most: 99.996% success against 256 open ports."""
 PROBE_TIME_LIMIT: Final = 11.0
 """Both sides give up this long after starting (2500 probes at 250/s, plus a second for pongs)."""
+
+
+RETRY_INTERVAL: Final = 60.0
+"""After an attempt, the next one toward the same peer waits at least this long ..."""
+RETRY_INTERVAL_MAX: Final = 1920.0
+"""... doubled after each attempt in a row that found nothing, up to 32 minutes."""
+
+
+def retry_interval(misses: int) -> float:
+    """How long after an attempt the next one may start, given the attempts in a row that found
+    nothing (0 after a success). A pair that cannot connect (hard ↔ hard, a firewall that drops
+    UDP) then costs 2500 probes a minute at first and one round every half hour after five misses.
+
+    >>> [retry_interval(n) for n in range(8)]
+    [60.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 1920.0]
+    """
+    if misses < 0:
+        raise ValueError("misses must not be negative")
+    return min(RETRY_INTERVAL * float(2 ** max(0, misses - 1)), RETRY_INTERVAL_MAX)
 
 
 # -- the numbers -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from natlib.birthday import (
     SendProbe,
     hard_hard_success_probability,
     probes_needed,
+    retry_interval,
     success_probability,
 )
 from natlib.disco import AddrPort
@@ -243,3 +244,11 @@ def test_simulated_easy_hard_pairs_go_direct_within_10s_in_at_least_95_percent()
     # The median attempt needs far fewer probes than the bound.
     times = sorted(t for t, _, _ in trials if t is not None)
     assert times[len(times) // 2] < 3.0
+
+
+def test_retries_back_off_while_attempts_find_nothing() -> None:
+    assert retry_interval(0) == retry_interval(1) == 60.0  # after a success, or a first miss
+    assert [retry_interval(n) for n in (2, 3, 4, 5)] == [120.0, 240.0, 480.0, 960.0]
+    assert retry_interval(6) == retry_interval(60) == 1920.0  # at most every 32 minutes
+    with pytest.raises(ValueError, match="negative"):
+        retry_interval(-1)

@@ -69,7 +69,7 @@ def _in_overlay(address: str) -> bool:
 
 def test_status_shows_the_paths(mesh: MeshLab) -> None:
     # easy↔hard goes direct by birthday probing (≤ 10 s in ~97 % of attempts once traffic flows; ping
-    # drives it). The deadline leaves room for one retry (natlib.conn's BIRTHDAY_RETRY, 60 s).
+    # drives it). The deadline leaves room for one retry (natlib.birthday.retry_interval: 60 s).
     deadline = time.monotonic() + 80
     while {mesh.peer("alpha", "beta")["path"], mesh.peer("beta", "alpha")["path"]} != {"direct"}:
         assert time.monotonic() < deadline, mesh.diagnostics()
