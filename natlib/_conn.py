@@ -384,10 +384,7 @@ class _Region:
                         break
                     batch.append(item)
                     size += len(item[1])
-                if len(batch) == 1:
-                    await client.send(dst, packet)
-                else:
-                    await client.send_packets(batch)
+                await client.send_packets(batch)
                 self.conn._counters.derp_packets_sent += len(batch)
         except DerpConnectionClosed:
             scope.cancel()
@@ -521,28 +518,14 @@ class Conn:
         cancellation point, but lets other tasks run only every :data:`SEND_YIELD_EVERY` calls.
         Raises :class:`UnknownPeerError` and :class:`ConnClosedError`.
         """
-        self._check_open()
-        peer = self._peer(node_key)
+        peer, now = self._start_send(node_key)
         datagram = bytes(datagram)
-        now = self._now()
-        if self._gatherer is not None and now - self._activity_noted >= 1.0:
-            self._activity_noted = now  # the refresh schedule counts activity in seconds
-            self._gatherer.note_activity()
         udp, via_relay = peer.path.note_sent(now, datagram)
         if udp is not None:
             self._send_udp_nowait(peer, udp, datagram)
         if via_relay:
             self._send_relay(peer, datagram)
-            self._on_send(peer, now)
-            self._maybe_birthday(peer, now)
-        else:
-            peer.relay_since = None  # direct: no birthday probing to schedule
-        for action in peer.path.take_actions():
-            self._do_action(peer, action)
-        if self._timer_sleeps_until - now > _SEND_TIMER_SLACK:
-            deadline = peer.path.next_deadline()
-            if deadline is not None and deadline < self._timer_sleeps_until:
-                self._timer_wakeup.set()
+        self._finish_send(peer, now, relayed=via_relay)
         self._sends_since_yield += 1
         if self._sends_since_yield >= SEND_YIELD_EVERY:
             self._sends_since_yield = 0
@@ -558,12 +541,7 @@ class Conn:
         (:mod:`natlib.udpbatch`: runs of equal size in one segmented send). Never waits for the
         relay or the socket; a checkpoint like :meth:`send`, yielding once per call.
         """
-        self._check_open()
-        peer = self._peer(node_key)
-        now = self._now()
-        if self._gatherer is not None and now - self._activity_noted >= 1.0:
-            self._activity_noted = now
-            self._gatherer.note_activity()
+        peer, now = self._start_send(node_key)
         path = peer.path
         run: list[bytes] = []
         run_addr: AddrPort | None = None
@@ -585,19 +563,34 @@ class Conn:
                 relayed = True
         if run_addr is not None and run:
             self._send_udp_batch_nowait(peer, run_addr, run)
+        self._finish_send(peer, now, relayed=relayed)
+        self._sends_since_yield = 0
+        await anyio.lowlevel.checkpoint()
+
+    def _start_send(self, node_key: NodePublicKey) -> tuple[_Peer, float]:
+        """What :meth:`send` and :meth:`send_many` do first: the peer, the time, activity noted."""
+        self._check_open()
+        peer = self._peer(node_key)
+        now = self._now()
+        if self._gatherer is not None and now - self._activity_noted >= 1.0:
+            self._activity_noted = now  # the refresh schedule counts activity in seconds
+            self._gatherer.note_activity()
+        return peer, now
+
+    def _finish_send(self, peer: _Peer, now: float, *, relayed: bool) -> None:
+        """What they do once the datagrams are out: discovery and birthday probing while on the
+        relay, the path machine's actions, and an earlier timer if its deadline moved."""
         if relayed:
             self._on_send(peer, now)
             self._maybe_birthday(peer, now)
         else:
-            peer.relay_since = None
-        for action in path.take_actions():
+            peer.relay_since = None  # direct: no birthday probing to schedule
+        for action in peer.path.take_actions():
             self._do_action(peer, action)
         if self._timer_sleeps_until - now > _SEND_TIMER_SLACK:
-            deadline = path.next_deadline()
+            deadline = peer.path.next_deadline()
             if deadline is not None and deadline < self._timer_sleeps_until:
                 self._timer_wakeup.set()
-        self._sends_since_yield = 0
-        await anyio.lowlevel.checkpoint()
 
     async def receive(self) -> tuple[NodePublicKey, bytes]:
         """The next datagram from any peer. Raises :class:`ConnClosedError` after close."""
@@ -881,29 +874,15 @@ class Conn:
             self._on_udp(data, source)
 
     async def _read_udp_batched(self, raw: socket.socket) -> None:
-        if enable_gro(raw):
-            await self._read_udp_coalesced(raw)
-            return
-        while True:
-            await anyio.wait_readable(raw)
-            for _ in range(READ_BATCH):
-                try:
-                    data, source = raw.recvfrom(_MAX_UDP)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:  # a queued ICMP error; the socket stays usable
-                    log.debug("UDP receive error (ignored): %s", e)
-                    continue
-                self._on_udp(data, source)
-
-    async def _read_udp_coalesced(self, raw: socket.socket) -> None:
-        """_read_udp_batched on a socket with GRO: one read may carry a run of datagrams."""
+        """Read one main socket under trio; with GRO (natlib.udpbatch) a read may carry a run of
+        one peer's datagrams, cut apart before demultiplexing."""
+        ancillary_size = GRO_ANCILLARY_SIZE if enable_gro(raw) else 0
         recvmsg = raw.recvmsg
         while True:
             await anyio.wait_readable(raw)
             for _ in range(READ_BATCH):
                 try:
-                    data, ancillary, _flags, source = recvmsg(_MAX_UDP, GRO_ANCILLARY_SIZE)
+                    data, ancillary, _flags, source = recvmsg(_MAX_UDP, ancillary_size)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:  # a queued ICMP error; the socket stays usable
