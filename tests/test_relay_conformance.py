@@ -265,9 +265,7 @@ async def _custom_relay(nursery: trio.Nursery, **kwargs: object) -> RelayHandle:
 
     key = NodePrivateKey.generate()
     server = RelayServer(key, **kwargs)  # type: ignore[arg-type]
-    bound = await nursery.start(
-        lambda task_status: server.serve_tcp("127.0.0.1", 0, task_status=task_status)
-    )
+    bound = await nursery.start(lambda task_status: server.serve_tcp("127.0.0.1", 0, task_status=task_status))
     return RelayHandle(server, str(bound[0][0]), int(bound[0][1]), key.public)
 
 

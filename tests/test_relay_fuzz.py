@@ -30,13 +30,15 @@ http_garbage = st.one_of(
         lambda method, path, hdr, tail: b"%s %s HTTP/1.1\r\n%s\r\n\r\n%s" % (method, path, hdr, tail),
         st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"\x00"]),
         st.sampled_from([b"/derp", b"/generate_204", b"/", b"/derp/probe", b"*"]),
-        st.sampled_from([
-            b"Upgrade: DERP\r\nConnection: Upgrade",
-            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Protocol: derp",
-            b"Upgrade: DERP\r\nDerp-Fast-Start: 1",
-            b"Content-Length: 5",
-            b"Transfer-Encoding: chunked",
-        ]),
+        st.sampled_from(
+            [
+                b"Upgrade: DERP\r\nConnection: Upgrade",
+                b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Protocol: derp",
+                b"Upgrade: DERP\r\nDerp-Fast-Start: 1",
+                b"Content-Length: 5",
+                b"Transfer-Encoding: chunked",
+            ]
+        ),
         st.binary(max_size=300),
     ),
 )
