@@ -441,6 +441,7 @@ class Conn:
         self.last_gather: GatherReport | None = None
         self._portmap_retries = 0
         self._last_redial: float | None = None
+        self._last_link_change = -math.inf
         self.exclude = AddressFilter()
         # Parsed source addresses and formatted destinations: ipaddress parsing and str() are the
         # dearest steps of a datagram otherwise (bounded: cleared when full).
@@ -1252,15 +1253,16 @@ class Conn:
                     self._start_call_me_maybe(peer)
         old = {c.address for c in previous.candidates if c.type.value == "stun"}
         new = {c.address for c in report.candidates if c.type.value == "stun"}
-        if old and new and not (old & new):
-            # Our reflexive address changed with no local change: the NAT rebound us.
+        if old and new and not (old & new) and previous.at - previous.duration >= self._last_link_change:
+            # Our reflexive address changed with no local change (both rounds began after the last
+            # one we know of, which explains a new mapping by itself): the NAT rebound us.
             log.info("NAT rebinding detected (%s -> %s)", sorted(old), sorted(new))
             self._link_changed()
 
     async def _regather_after(self, delay: float) -> None:
         await anyio.sleep(delay)
         if self._gatherer is not None:
-            self._gatherer.request_refresh()
+            self._gatherer.request_refresh(stale=False)  # only to add the mapping
 
     def _redial_relays(self, now: float) -> None:
         if self._last_redial is not None and now - self._last_redial < REDIAL_MIN_GAP:
@@ -1272,6 +1274,7 @@ class Conn:
 
     def _link_changed(self) -> None:
         self._counters.link_changes += 1
+        self._last_link_change = anyio.current_time()
         self._last_redial = None
         self._redial_relays(anyio.current_time())
         now = anyio.current_time()
@@ -1292,9 +1295,13 @@ class Conn:
             async with NetworkMonitor(exclude=self.exclude) as monitor:
                 async for change in monitor:
                     log.info("network changed: +%s -%s", change.added, change.removed)
-                    if self._gatherer is not None:
-                        await self._gatherer.gather()
+                    # At once, not after a gathering round: until the peers learn our new address,
+                    # direct datagrams from it are dropped as coming from an unknown source, so
+                    # they go by relay meanwhile. The CallMeMaybe that rediscovery sends waits for
+                    # the new round's candidates (the old ones are stale from here on).
                     self._link_changed()
+                    if self._gatherer is not None:
+                        self._gatherer.request_refresh()
         except OSError as e:
             log.info("network monitor unavailable: %s", e)
 

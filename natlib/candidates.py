@@ -762,6 +762,8 @@ class Gatherer:
         self._lock = anyio.Lock()
         self._wakeup = anyio.Event()
         self._refresh_requested = False
+        self._stale = False  # the network changed since the candidates were gathered
+        self._changes = 0  # request_refresh(stale=True) calls, so a round knows if it began after the last
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -820,6 +822,7 @@ class Gatherer:
 
     async def _gather_locked(self) -> GatherReport:
         start = anyio.current_time()
+        changes_seen = self._changes
         out: dict[str, Any] = {"stun": [], "portmapped": None, "errors": {}}
         async with anyio.create_task_group() as tg:
             for fam in _FAMILIES:
@@ -878,18 +881,28 @@ class Gatherer:
             errors=errors,
         )
         self.last_report = report
+        if changes_seen == self._changes:
+            self._stale = False  # (a round begun before the last change may still see the old network)
         if errors:
             log.debug("gathering round finished with errors: %s", errors)
         return report
 
     async def fresh(self) -> list[Candidate]:
-        """Candidates fit for a CallMeMaybe: the last round's if at most 27 s old, else a new round's."""
-        if self.last_report is not None and self.schedule.fresh_enough(anyio.current_time()):
+        """Candidates fit for a CallMeMaybe: the last round's if at most 27 s old and not made
+        stale by :meth:`request_refresh`, else a new round's (waiting for one already running)."""
+        if self._fresh_enough():
             return self.candidates
         async with self._lock:
-            if self.last_report is not None and self.schedule.fresh_enough(anyio.current_time()):
+            if self._fresh_enough():
                 return self.candidates  # another task gathered while we waited
             return list((await self._gather_locked()).candidates)
+
+    def _fresh_enough(self) -> bool:
+        return (
+            self.last_report is not None
+            and not self._stale
+            and self.schedule.fresh_enough(anyio.current_time())
+        )
 
     def note_activity(self) -> None:
         """Tell the schedule that data was sent to a peer (keeps periodic re-gathering going)."""
@@ -898,8 +911,16 @@ class Gatherer:
         if was_idle:
             self._wakeup.set()
 
-    def request_refresh(self) -> None:
-        """Re-gather as soon as possible (a network change, a suspected NAT rebinding)."""
+    def request_refresh(self, *, stale: bool = True) -> None:
+        """Re-gather as soon as possible (a network change, a suspected NAT rebinding).
+
+        With ``stale`` (the default) the current candidates are taken to be out of date: until a
+        round that began after this call has finished, :meth:`fresh` waits for one instead of
+        returning them. ``stale=False`` asks for a round that may only add to them (a port mapping
+        that came late)."""
+        if stale:
+            self._stale = True
+            self._changes += 1
         self._refresh_requested = True
         self._wakeup.set()
 

@@ -530,6 +530,37 @@ async def test_fresh_reuses_a_recent_round(autojump_clock: trio.testing.MockCloc
     assert len(stun.calls) == 2
 
 
+async def test_a_network_change_makes_fresh_wait_for_a_round_begun_after_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After ``request_refresh()`` (a netmon event) a CallMeMaybe must not advertise the old
+    addresses: :meth:`fresh` waits for a round that began after the change, not one already
+    running, which may have read the old network."""
+    stun = FakeStun({SRV_A: ("203.0.113.2", 4000)})
+    interfaces = [lan_interfaces()[1]]
+    g = Gatherer(local_port=4000, stun_servers=[SRV_A], stun=stun, interfaces=lambda: list(interfaces))
+    assert [c.address for c in await g.fresh()] == [("203.0.113.2", 4000), ("2001:db8:1:2::2", 4000)]
+
+    # A round starts (the STUN answer takes 10 ms); the address changes while it runs.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(g.gather)
+        await trio.sleep(0.005)
+        interfaces[:] = [netif.InterfaceAddress("eth0", 2, "2001:db8:1:3::7", 64, 0, netif.IFF_UP)]
+        stun.answers[SRV_A] = ("203.0.113.9", 4001)
+        g.request_refresh()
+    # That round read the interfaces before the change: its candidates are still stale.
+    assert ("2001:db8:1:2::2", 4000) in [c.address for c in g.candidates] and len(stun.calls) == 2
+    advertised = [c.address for c in await g.fresh()]
+    assert len(stun.calls) == 3
+    # The new round's; the old reflexive address is remembered for a while (as Tailscale does).
+    assert advertised == [("203.0.113.9", 4001), ("203.0.113.2", 4000), ("2001:db8:1:3::7", 4000)]
+    assert await g.fresh() == g.candidates and len(stun.calls) == 3  # fresh again: no more rounds
+
+    # A refresh that may only add (a late port mapping) leaves the candidates usable meanwhile.
+    g.request_refresh(stale=False)
+    assert await g.fresh() == g.candidates and len(stun.calls) == 3
+
+
 @pytest.mark.parametrize("backend", ["trio", "asyncio"])
 def test_gather_runs_under_both_backends(backend: str) -> None:
     async def main() -> list[tuple[CandidateType, Endpoint]]:
