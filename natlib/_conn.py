@@ -1273,11 +1273,11 @@ class Conn:
             region.reconnect()
 
     def _link_changed(self) -> None:
-        self._counters.link_changes += 1
-        self._last_link_change = anyio.current_time()
-        self._last_redial = None
-        self._redial_relays(anyio.current_time())
         now = anyio.current_time()
+        self._counters.link_changes += 1
+        self._last_link_change = now
+        self._last_redial = None
+        self._redial_relays(now)
         for peer in list(self._peers.values()):
             self._stop_birthday(peer)
             peer.birthday_last = peer.relay_since = None

@@ -762,8 +762,10 @@ class Gatherer:
         self._lock = anyio.Lock()
         self._wakeup = anyio.Event()
         self._refresh_requested = False
-        self._stale = False  # the network changed since the candidates were gathered
-        self._changes = 0  # request_refresh(stale=True) calls, so a round knows if it began after the last
+        # request_refresh(stale=True) calls so far, and how many had happened when the round that
+        # made the current candidates began: they are stale while the two differ.
+        self._changes = 0
+        self._changes_gathered = 0
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -881,8 +883,7 @@ class Gatherer:
             errors=errors,
         )
         self.last_report = report
-        if changes_seen == self._changes:
-            self._stale = False  # (a round begun before the last change may still see the old network)
+        self._changes_gathered = changes_seen  # (a round begun before a change may see the old network)
         if errors:
             log.debug("gathering round finished with errors: %s", errors)
         return report
@@ -900,7 +901,7 @@ class Gatherer:
     def _fresh_enough(self) -> bool:
         return (
             self.last_report is not None
-            and not self._stale
+            and self._changes_gathered == self._changes
             and self.schedule.fresh_enough(anyio.current_time())
         )
 
@@ -919,7 +920,6 @@ class Gatherer:
         returning them. ``stale=False`` asks for a round that may only add to them (a port mapping
         that came late)."""
         if stale:
-            self._stale = True
             self._changes += 1
         self._refresh_requested = True
         self._wakeup.set()

@@ -508,9 +508,7 @@ class DerpClient:
             if len(packet) > MAX_PACKET_SIZE:
                 raise ValueError(f"packet of {len(packet)} bytes exceeds DERP's {MAX_PACKET_SIZE}")
             frames.append(self._conn.send_packet(dst, packet, now))
-        self._raise_if_closed()
-        if frames:
-            await self._write(b"".join(frames))
+        await self._write_frames(frames)
 
     async def forward_packet(self, src: NodePublicKey, dst: NodePublicKey, packet: bytes) -> None:
         """Mesh only: hand the relay a packet from ``src`` (a client of another relay) to ``dst``.
@@ -529,6 +527,10 @@ class DerpClient:
         Relays forwarding traffic to each other use this to batch. Cancellation as for :meth:`send`.
         """
         frames = [self._conn.forward_packet(src, dst, packet) for src, dst, packet in packets]
+        await self._write_frames(frames)
+
+    async def _write_frames(self, frames: list[bytes]) -> None:
+        """The frames of a batch in one write (none for an empty batch)."""
         self._raise_if_closed()
         if frames:
             await self._write(b"".join(frames))
